@@ -1,0 +1,60 @@
+# The resilient bot stack. `make up` to run it, `make test` to test it (what CI runs).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SCENARIO ?= steady
+# Debian packages the stack and its tests use (installed when running as root).
+APT_PACKAGES := nginx-light redis-server prometheus prometheus-alertmanager \
+	prometheus-nginx-exporter prometheus-redis-exporter wrk docker-compose
+
+.PHONY: install system-deps up down status test lint typecheck unit loadtest bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,load]'
+	touch $(STAMP)
+
+install: $(STAMP) system-deps
+
+# Installs only what is missing; needs root (CI and a fresh machine run as root).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else echo "missing Debian packages (run as root to install):$$missing"; fi; \
+	fi
+
+up: install
+	$(BIN)/python -m infra.runner up
+
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m infra.runner down; else echo "stack not running"; fi
+
+status:
+	@$(BIN)/python -m infra.runner status
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: install lint typecheck
+	$(BIN)/pytest -q -p no:cacheprovider
+
+loadtest: install
+	$(BIN)/python -m loadtests.run $(SCENARIO)
+
+bench: install
+	$(BIN)/python -m loadtests.bench
+
+clean: down
+	rm -rf .run reports .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,46 @@
+-- Admission of one message in one round trip: idempotency lookup, GCRA rate limit, claim,
+-- and (optionally) the user's conversation context.
+--
+-- KEYS[1] idempotency record of this message   KEYS[2] the user's GCRA state (its TAT)
+-- KEYS[3] the user's context list
+-- ARGV[1] emission interval T, microseconds     ARGV[2] burst (tau = T * burst)
+-- ARGV[3] claim token                           ARGV[4] claim lease, milliseconds
+-- ARGV[5] 1 to return the context list          ARGV[6] 1 to apply the limit
+--
+-- Returns {kind, a, b, ctx}:
+--   {"done", record}              the message was answered before: replay it, not counted
+--   {"pending", pttl}             another request holds the claim: wait for its record
+--   {"limited", retry_us, reset_us}
+--   {"ok", remaining, reset_us, ctx}
+-- GCRA as in redis-cell: a request is allowed while TAT - now <= tau; each allowed request
+-- moves TAT on by T. Time is Redis server time, so replicas' clocks do not matter.
+local record = redis.call("GET", KEYS[1])
+if record then
+  if string.sub(record, 1, 1) == "P" then
+    return {"pending", redis.call("PTTL", KEYS[1])}
+  end
+  return {"done", record}
+end
+
+local remaining, reset = -1, 0
+if ARGV[6] == "1" then
+  local t = redis.call("TIME")
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local interval = tonumber(ARGV[1])
+  local tau = interval * tonumber(ARGV[2])
+  local tat = tonumber(redis.call("GET", KEYS[2]) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - tau - interval
+  if now < allow_at then
+    return {"limited", allow_at - now, tat - now}
+  end
+  redis.call("SET", KEYS[2], new_tat, "PX", math.ceil((new_tat - now) / 1000) + 1)
+  remaining = math.floor((tau + interval - (new_tat - now)) / interval)
+  reset = new_tat - now
+end
+
+redis.call("SET", KEYS[1], "P" .. ARGV[3], "PX", ARGV[4])
+local ctx = {}
+if ARGV[5] == "1" then ctx = redis.call("LRANGE", KEYS[3], 0, -1) end
+return {"ok", remaining, reset, ctx}

@@ -1,0 +1,68 @@
+"""`bot serve | stub | worker | dlq ...`: the console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bot import logging as bot_logging
+from bot.settings import Settings, SettingsError, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"bot: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings()
+    bot_logging.configure(
+        settings.log_format, settings.log_level, settings.secrets, service=f"bot-{args.replica}"
+    )
+    from bot.serve import serve
+
+    port = args.port or settings.replica_port(args.replica)
+    metrics_port = args.metrics_port or settings.replica_metrics_port(args.replica)
+    serve(settings, port, metrics_port, host=args.host)
+    return 0
+
+
+def _stub(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from infra.stub import run
+
+    run(args.port or settings.stub_port, host=args.host, latency_ms=args.latency_ms)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bot", description="The resilient bot stack.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one bot replica")
+    serve.add_argument("--replica", type=int, default=1, help="replica number (1-based)")
+    serve.add_argument("--port", type=int, help="override BOT_PORT_BASE + replica - 1")
+    serve.add_argument("--metrics-port", type=int, help="override the metrics port")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.set_defaults(func=_serve)
+
+    stub = sub.add_parser("stub", help="run the upstream stub (a fake external API)")
+    stub.add_argument("--port", type=int, help="override BOT_STUB_PORT")
+    stub.add_argument("--host", default="127.0.0.1")
+    stub.add_argument("--latency-ms", type=int, default=300)
+    stub.set_defaults(func=_stub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The bot: one message in, one answer out, exactly once per message id."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+
+from bot import metrics
+from bot.core import commands
+from bot.core.validation import Message, check_pref_key, check_pref_value
+from bot.errors import BadRequest, RateLimited, Unavailable, UpstreamUnavailable
+from bot.logging import get_logger
+from bot.ratelimit import LocalLimiter, Policy, RateState
+from bot.store import Admission, Store, TooManyPrefs
+from bot.upstream import Answerer
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Job:
+    """Everything needed to answer a message later, without the original request."""
+
+    message_id: str
+    user_id: str
+    question: str
+    context: list[dict[str, Any]]
+    first_seen: float = field(default_factory=time.time)
+    attempt: int = 0
+
+
+class Deferrer(Protocol):
+    """Takes a job whose upstream call failed and answers it later (the retry queue)."""
+
+    async def defer(self, job: Job, retry_after: float | None) -> None: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The answer to one message, for the HTTP layer to render."""
+
+    status: int
+    body: dict[str, Any]
+    replayed: bool = False
+    rate: RateState | None = None
+    cache: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class BotService:
+    """Admission, commands, questions and replay, over the Redis store and an answerer."""
+
+    def __init__(
+        self,
+        store: Store,
+        answerer: Answerer,
+        policy: Policy,
+        local_limiter: LocalLimiter,
+        *,
+        deferrer: Deferrer | None = None,
+        wait_timeout: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.answerer = answerer
+        self.policy = policy
+        self.local = local_limiter
+        self.deferrer = deferrer
+        self.wait_timeout = wait_timeout
+
+    async def handle(self, msg: Message) -> Outcome:
+        """Answer `msg`, or replay the answer it already had."""
+        cmd = commands.parse(msg.text)
+        deadline = time.monotonic() + self.wait_timeout
+        while True:
+            adm = await self._admit(msg, cmd)
+            if adm.kind != "pending":
+                break
+            # Another request (a concurrent duplicate, or NGINX's resend of this one) holds
+            # the claim: wait for its answer; if its holder dies, the claim lapses and we
+            # take over.
+            record = await self.store.wait_record(msg.user_id, msg.message_id, deadline)
+            if record is not None:
+                return self._replay(record)
+            if time.monotonic() >= deadline:
+                raise Unavailable("the same message is still being processed", 1, code="busy")
+        if adm.kind == "done":
+            assert adm.record is not None
+            return self._replay(adm.record)
+        if adm.kind == "limited":
+            metrics.MESSAGES.labels(outcome="rate_limited").inc()
+            assert adm.rate is not None
+            raise RateLimited("too many messages; slow down", adm.rate.retry_after_s)
+
+        try:
+            outcome = await self._run(msg, cmd, adm.context)
+        except BaseException:
+            if adm.token:
+                await self._release(msg, adm.token)
+            raise
+        outcome.rate = adm.rate
+        if adm.token:
+            await self._finish(msg, outcome)
+        return outcome
+
+    async def _admit(self, msg: Message, cmd: commands.Command) -> Admission:
+        try:
+            return await self.store.admit(
+                msg.user_id, msg.message_id, want_context=cmd.name == "ask"
+            )
+        except RedisError as exc:
+            # Fail open to the per-replica limiter: Redis trouble must not become a 5xx.
+            metrics.RATELIMIT_BACKEND_ERRORS.inc()
+            log.warning("ratelimit_backend_error", error=type(exc).__name__)
+            state = self.local.check(msg.user_id)
+            if state.retry_after_s > 0:
+                return Admission("limited", rate=state)
+            return Admission("ok", rate=state)
+
+    def _replay(self, record: dict[str, Any]) -> Outcome:
+        metrics.MESSAGES.labels(outcome="duplicate").inc()
+        return Outcome(record["status"], record["body"], replayed=True)
+
+    async def _release(self, msg: Message, token: str) -> None:
+        try:
+            await self.store.release(msg.user_id, msg.message_id, token)
+        except RedisError:
+            log.warning("claim_release_failed", message_id=msg.message_id)
+
+    async def _finish(self, msg: Message, outcome: Outcome) -> None:
+        entry = None
+        if outcome.status == 200:
+            entry = {"q": msg.text, "a": outcome.body["reply"], "at": _now()}
+        record = {"status": outcome.status, "body": outcome.body}
+        try:
+            await self.store.finish(msg.user_id, msg.message_id, record, entry)
+        except RedisError:
+            log.warning("record_store_failed", message_id=msg.message_id)
+
+    async def _run(
+        self, msg: Message, cmd: commands.Command, context: list[dict[str, Any]]
+    ) -> Outcome:
+        if cmd.name == "ask":
+            return await self._ask(msg, cmd.args[0], context)
+        reply = await self._command(msg.user_id, cmd)
+        metrics.MESSAGES.labels(outcome="replied").inc()
+        return self._replied(msg, reply, cached=False)
+
+    def _replied(self, msg: Message, reply: str, *, cached: bool) -> Outcome:
+        body = {
+            "message_id": msg.message_id,
+            "status": "replied",
+            "reply": reply,
+            "cached": cached,
+        }
+        return Outcome(200, body)
+
+    async def _ask(self, msg: Message, question: str, context: list[dict[str, Any]]) -> Outcome:
+        try:
+            answer = await self.answerer.answer(question, context)
+        except UpstreamUnavailable as exc:
+            log.info("upstream_call_failed", reason=exc.reason, message_id=msg.message_id)
+            if self.deferrer is None:
+                raise Unavailable(
+                    "the upstream API is unavailable; try again", exc.retry_after or 5
+                ) from None
+            job = Job(msg.message_id, msg.user_id, question, context)
+            await self.deferrer.defer(job, exc.retry_after)
+            metrics.MESSAGES.labels(outcome="queued").inc()
+            return Outcome(202, {"message_id": msg.message_id, "status": "queued"})
+        metrics.MESSAGES.labels(outcome="replied").inc()
+        outcome = self._replied(msg, answer.text, cached=answer.cached)
+        outcome.cache = answer.cache
+        return outcome
+
+    async def _command(self, user_id: str, cmd: commands.Command) -> str:
+        try:
+            return await self._command_reply(user_id, cmd)
+        except RedisError:
+            raise Unavailable("preferences are unavailable right now", 5) from None
+
+    async def _command_reply(self, user_id: str, cmd: commands.Command) -> str:
+        match cmd.name:
+            case "help":
+                return commands.HELP
+            case "echo":
+                if not cmd.args[0]:
+                    raise BadRequest("usage: /echo <text>", code="invalid_command")
+                return cmd.args[0]
+            case "prefs":
+                prefs = await self.store.prefs(user_id)
+                if not prefs:
+                    return "You have no preferences set."
+                return "\n".join(f"{k} = {v}" for k, v in sorted(prefs.items()))
+            case "prefs_get":
+                key = check_pref_key(cmd.args[0])
+                value = await self.store.pref(user_id, key)
+                return f"{key} is not set." if value is None else f"{key} = {value}"
+            case "prefs_set":
+                key, value = cmd.args
+                check_pref_key(key)
+                if not value:
+                    raise BadRequest("usage: /prefs set <key> <value>", code="invalid_command")
+                try:
+                    await self.store.set_prefs(user_id, {key: check_pref_value(value)})
+                except TooManyPrefs as exc:
+                    raise BadRequest(str(exc), code="too_many_prefs") from None
+                return f"{key} = {value}"
+            case "prefs_del":
+                key = check_pref_key(cmd.args[0])
+                removed = await self.store.del_prefs(user_id, key)
+                return f"{key} removed." if removed else f"{key} was not set."
+        raise BadRequest(
+            "usage: /prefs, /prefs get <key>, /prefs set <key> <value>, /prefs del <key>",
+            code="invalid_command",
+        )

@@ -1,0 +1,109 @@
+"""Errors a caller can act on, each with the HTTP status it maps to.
+
+Raised anywhere below the HTTP layer and rendered as ``{"error": {"code", "message"}}`` by
+one middleware (`bot.api.middleware`). Nothing here imports aiohttp.
+"""
+
+from __future__ import annotations
+
+
+class BotError(Exception):
+    """Base: an error with a stable machine code, a human message and an HTTP status."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (Retry-After, WWW-Authenticate...)."""
+        return {}
+
+
+class BadRequest(BotError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(BotError):
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="bot"'}
+
+
+class NotFound(BotError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(BotError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(sorted(self.allowed))} if self.allowed else {}
+
+
+class PayloadTooLarge(BotError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(BotError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class _RetryLater(BotError):
+    def __init__(self, message: str, retry_after: float = 1.0, *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = max(1, int(-(-retry_after // 1)))  # whole seconds, rounded up, >= 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class RateLimited(_RetryLater):
+    status = 429
+    code = "rate_limited"
+
+
+class Overloaded(_RetryLater):
+    """This replica has too many requests in flight; try again (NGINX may try another)."""
+
+    status = 503
+    code = "overloaded"
+
+
+class Unavailable(_RetryLater):
+    """A dependency (Redis, RabbitMQ, upstream) is down and nothing else can hold the job."""
+
+    status = 503
+    code = "unavailable"
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream API failed (error, timeout, open circuit). Not an HTTP error by itself."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class HttpError(BotError):
+    """Any other 4xx the HTTP layer raises (kept as JSON like the rest)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message, code="http_error")
+        self.status = status

@@ -1,0 +1,80 @@
+"""Every Prometheus metric of the stack, defined once, named as in contract.md.
+
+Labels never carry user ids or raw paths: `route` is the route's template
+(``/v1/users/{user_id}/prefs``) or ``unmatched``.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# `_created` series double the scrape for nothing the dashboards use.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+try:
+    VERSION = version("bot")
+except PackageNotFoundError:  # running from a source tree without install
+    VERSION = "0.0.0"
+
+# Latency buckets around what matters here: ms-level hot path, 300 ms upstream, 2 s timeout.
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_UPSTREAM_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+
+HTTP_REQUESTS = Counter("bot_http_requests", "HTTP requests answered", ["route", "method", "code"])
+HTTP_DURATION = Histogram(
+    "bot_http_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["route", "method"],
+    buckets=_HTTP_BUCKETS,
+)
+MESSAGES = Counter("bot_messages", "Messages by outcome", ["outcome"])
+RATELIMIT_BACKEND_ERRORS = Counter(
+    "bot_ratelimit_backend_errors", "Rate-limit checks that fell back to the local limiter"
+)
+CACHE_LOOKUPS = Counter("bot_cache_lookups", "Upstream answer cache lookups", ["result"])
+UPSTREAM_REQUESTS = Counter("bot_upstream_requests", "Calls to the upstream API", ["outcome"])
+UPSTREAM_DURATION = Histogram(
+    "bot_upstream_request_duration_seconds",
+    "Duration of upstream API calls",
+    buckets=_UPSTREAM_BUCKETS,
+)
+CIRCUIT_STATE = Gauge("bot_circuit_state", "Upstream circuit: 0 closed, 1 open, 2 half-open")
+INFLIGHT = Gauge("bot_inflight_requests", "Requests being handled by this process")
+RETRY_JOBS_PUBLISHED = Counter("bot_retry_jobs_published", "Retry jobs confirmed by the broker")
+RETRY_ATTEMPTS = Counter("bot_retry_attempts", "Retry attempts by outcome", ["outcome"])
+RETRY_QUEUE_MESSAGES = Gauge("bot_retry_queue_messages", "Messages in retry queues", ["queue"])
+REPLIES_DELIVERED = Counter("bot_replies_delivered", "Deferred replies stored in inboxes")
+DEPENDENCY_UP = Gauge(
+    "bot_dependency_up", "Dependency reachability from this process", ["dependency"]
+)
+BUILD_INFO = Gauge("bot_build_info", "Build information (always 1)", ["version"])
+
+MESSAGE_OUTCOMES = ("replied", "queued", "rate_limited", "duplicate", "rejected", "shed")
+
+
+def init() -> None:
+    """Create every labelled series at zero so dashboards and alerts see them from the start."""
+    BUILD_INFO.labels(version=VERSION).set(1)
+    for outcome in MESSAGE_OUTCOMES:
+        MESSAGES.labels(outcome=outcome)
+    for result in ("hit", "miss", "stale"):
+        CACHE_LOOKUPS.labels(result=result)
+    for outcome in ("ok", "error", "timeout", "short_circuited"):
+        UPSTREAM_REQUESTS.labels(outcome=outcome)
+    for outcome in ("success", "retry", "dead"):
+        RETRY_ATTEMPTS.labels(outcome=outcome)
+    CIRCUIT_STATE.set(0)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition body and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,90 @@
+"""GCRA rate limiting: the policy, its IETF headers, and the in-process fallback limiter.
+
+The shared limiter runs inside Redis as part of the admission script (`admit.lua`, called by
+`bot.store.Store.admit`) so that limit, idempotency and context cost one round trip. When
+Redis does not answer, each replica limits on its own with `LocalLimiter` at
+``rate / BOT_REPLICAS`` (fail open, but not unlimited) and goes back to Redis by itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from bot.settings import Rate
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A GCRA policy: emission interval T and burst tolerance tau = T * burst.
+
+    At an instant a user may send ``burst + 1`` messages (the burst on top of the one the
+    sustained rate allows); after that, one every T seconds.
+    """
+
+    rate: Rate
+    burst: int
+
+    @property
+    def interval_us(self) -> int:
+        return round(self.rate.interval * 1_000_000)
+
+    @property
+    def capacity(self) -> int:
+        return self.burst + 1
+
+    @property
+    def window(self) -> int:
+        """Seconds for an exhausted quota to refill completely."""
+        return max(1, math.ceil(self.rate.interval * self.capacity))
+
+    def scaled(self, share: int) -> Policy:
+        """This policy divided among `share` replicas (for the local fallback)."""
+        if share <= 1:
+            return self
+        rate = Rate(max(1, self.rate.count // share), self.rate.period)
+        return Policy(rate, max(0, self.capacity // share - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    """What one limiter decision tells the client."""
+
+    remaining: int
+    reset_s: float
+    retry_after_s: float = 0.0
+
+    def headers(self, policy: Policy) -> dict[str, str]:
+        """IETF draft-ietf-httpapi-ratelimit-headers (structured fields form)."""
+        return {
+            "RateLimit-Policy": f'"user";q={policy.capacity};w={policy.window}',
+            "RateLimit": f'"user";r={max(0, self.remaining)};t={math.ceil(self.reset_s)}',
+        }
+
+
+class LocalLimiter:
+    """In-process GCRA for when Redis is down; bounded memory (LRU of users)."""
+
+    def __init__(self, policy: Policy, max_users: int = 100_000) -> None:
+        self.policy = policy
+        self._tat: OrderedDict[str, float] = OrderedDict()
+        self._max_users = max_users
+
+    def check(self, user_id: str, now: float | None = None) -> RateState:
+        """Take one token for `user_id`; `retry_after_s > 0` means limited."""
+        now = time.monotonic() if now is None else now
+        t = self.policy.rate.interval
+        tau = t * self.policy.burst
+        tat = max(self._tat.get(user_id, now), now)
+        new_tat = tat + t
+        allow_at = new_tat - tau - t
+        if now < allow_at:
+            return RateState(0, tat - now, allow_at - now)
+        self._tat[user_id] = new_tat
+        self._tat.move_to_end(user_id)
+        if len(self._tat) > self._max_users:
+            self._tat.popitem(last=False)
+        remaining = math.floor((tau + t - (new_tat - now)) / t)
+        return RateState(remaining, new_tat - now)

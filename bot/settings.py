@@ -1,0 +1,260 @@
+"""Settings: one frozen object built once from the environment, then `.env`, then defaults.
+
+Nothing else in the package reads ``os.environ``. A bad value raises `SettingsError` naming
+the variable; the CLI turns that into one clear line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*$")
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+
+
+class SettingsError(ValueError):
+    """A setting has a value the stack cannot run with."""
+
+    def __init__(self, name: str, value: str, why: str) -> None:
+        super().__init__(f"invalid setting {name}={value!r}: {why}")
+        self.name = name
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A sustained rate: `count` events per `period` seconds."""
+
+    count: int
+    period: float
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two events at the sustained rate (GCRA's emission interval)."""
+        return self.period / self.count
+
+    def __str__(self) -> str:
+        unit = {v: k for k, v in _PERIODS.items()}[self.period]
+        return f"{self.count}/{unit}"
+
+
+def parse_rate(text: str) -> Rate:
+    """Parse ``N/second|minute|hour``."""
+    m = _RATE_RE.match(text)
+    if not m or int(m.group(1)) < 1:
+        raise ValueError("expected N/second, N/minute or N/hour with N >= 1")
+    return Rate(int(m.group(1)), _PERIODS[m.group(2)])
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the stack, named as in contract.md (plus a few of our own)."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    upstream_url: str = "http://127.0.0.1:8099"
+    upstream_kind: str = "stub"  # stub | openai
+    upstream_model: str = "gpt-4o-mini"
+    upstream_api_key: str = ""
+    replicas: int = 3
+    rate_limit: Rate = Rate(30, 60.0)
+    rate_burst: int = 10
+    api_keys: tuple[str, ...] = ()
+    cache_ttl: float = 300.0
+    cache_stale_ttl: float = 86400.0
+    upstream_timeout: float = 2.0
+    retry_max_attempts: int = 8
+    retry_base_delay: float = 1.0
+    retry_max_delay: float = 300.0
+    queue_prefix: str = "bot"
+    log_format: str = "json"
+    log_level: str = "info"
+    public_port: int = 8080
+    port_base: int = 8001
+    metrics_port_base: int = 9101
+    worker_metrics_port: int = 9200
+    stub_port: int = 8099
+    prometheus_port: int = 9090
+    alertmanager_port: int = 9093
+    max_inflight: int = 256
+    idempotency_ttl: int = 86400
+    drain_timeout: float = 10.0
+
+    def replica_port(self, index: int) -> int:
+        """Port of replica `index` (1-based)."""
+        return self.port_base + index - 1
+
+    def replica_metrics_port(self, index: int) -> int:
+        """Metrics port of replica `index` (1-based)."""
+        return self.metrics_port_base + index - 1
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never reach a log line."""
+        return tuple(s for s in (*self.api_keys, self.upstream_api_key) if s)
+
+
+_Parser = Callable[[str], object]
+
+
+def _int(lo: int, hi: int) -> _Parser:
+    def parse(v: str) -> int:
+        n = int(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return n
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> _Parser:
+    def parse(v: str) -> float:
+        x = float(v)
+        if not lo <= x <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return x
+
+    return parse
+
+
+def _choice(*options: str) -> _Parser:
+    def parse(v: str) -> str:
+        v = v.strip().lower()
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return v
+
+    return parse
+
+
+def _url(*schemes: str) -> _Parser:
+    def parse(v: str) -> str:
+        if not any(v.startswith(s + "://") for s in schemes):
+            raise ValueError(f"must be a {' or '.join(schemes)} URL")
+        return v
+
+    return parse
+
+
+def _keys(v: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in v.split(",") if k.strip())
+
+
+def _text(v: str) -> str:
+    return v
+
+
+def _queue_prefix(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+        raise ValueError("must be 1-64 chars of [A-Za-z0-9_.-]")
+    return v
+
+
+_PORT = _int(1, 65535)
+# environment variable -> (field, parser)
+_ENV: dict[str, tuple[str, _Parser]] = {
+    "REDIS_URL": ("redis_url", _url("redis", "rediss", "unix")),
+    "AMQP_URL": ("amqp_url", _url("amqp", "amqps")),
+    "UPSTREAM_URL": ("upstream_url", _url("http", "https")),
+    "UPSTREAM_KIND": ("upstream_kind", _choice("stub", "openai")),
+    "UPSTREAM_MODEL": ("upstream_model", _text),
+    "UPSTREAM_API_KEY": ("upstream_api_key", _text),
+    "BOT_REPLICAS": ("replicas", _int(1, 64)),
+    "BOT_RATE_LIMIT": ("rate_limit", parse_rate),
+    "BOT_RATE_BURST": ("rate_burst", _int(0, 100_000)),
+    "BOT_API_KEYS": ("api_keys", _keys),
+    "BOT_CACHE_TTL": ("cache_ttl", _float(0, 30 * 86400)),
+    "BOT_CACHE_STALE_TTL": ("cache_stale_ttl", _float(0, 30 * 86400)),
+    "BOT_UPSTREAM_TIMEOUT": ("upstream_timeout", _float(0.01, 120)),
+    "BOT_RETRY_MAX_ATTEMPTS": ("retry_max_attempts", _int(1, 100)),
+    "BOT_RETRY_BASE_DELAY": ("retry_base_delay", _float(0.01, 3600)),
+    "BOT_RETRY_MAX_DELAY": ("retry_max_delay", _float(0.01, 86400)),
+    "BOT_QUEUE_PREFIX": ("queue_prefix", _queue_prefix),
+    "LOG_FORMAT": ("log_format", _choice("json", "console")),
+    "LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "BOT_PUBLIC_PORT": ("public_port", _PORT),
+    "BOT_PORT_BASE": ("port_base", _PORT),
+    "BOT_METRICS_PORT_BASE": ("metrics_port_base", _PORT),
+    "BOT_WORKER_METRICS_PORT": ("worker_metrics_port", _PORT),
+    "BOT_STUB_PORT": ("stub_port", _PORT),
+    "BOT_PROMETHEUS_PORT": ("prometheus_port", _PORT),
+    "BOT_ALERTMANAGER_PORT": ("alertmanager_port", _PORT),
+    "BOT_MAX_INFLIGHT": ("max_inflight", _int(1, 100_000)),
+    "BOT_IDEMPOTENCY_TTL": ("idempotency_ttl", _int(60, 30 * 86400)),
+    "BOT_DRAIN_TIMEOUT": ("drain_timeout", _float(0, 300)),
+}
+# Secrets may come from a file (Docker/Kubernetes secrets): NAME_FILE points at it.
+_FILE_VARS = ("BOT_API_KEYS", "UPSTREAM_API_KEY")
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a simple ``KEY=value`` file (comments, blank lines and quotes allowed)."""
+    if not path.is_file():
+        return {}
+    out: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+def merged_environ(
+    environ: Mapping[str, str] | None = None, dotenv: Path | None = None
+) -> dict[str, str]:
+    """The environment over `.env`: what every process of the stack sees."""
+    env = dict(os.environ if environ is None else environ)
+    path = dotenv if dotenv is not None else Path(env.get("BOT_DOTENV", ".env"))
+    return {**read_dotenv(path), **env}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None = None) -> Settings:
+    """Build `Settings` from the environment, then `.env`, then defaults."""
+    env = merged_environ(environ, dotenv)
+    for name in _FILE_VARS:
+        file_name = env.get(name + "_FILE")
+        if file_name and name not in env:
+            try:
+                env[name] = Path(file_name).read_text().strip()
+            except OSError as exc:
+                raise SettingsError(
+                    name + "_FILE", file_name, exc.strerror or "unreadable"
+                ) from None
+    values: dict[str, object] = {}
+    for var, (field, parser) in _ENV.items():
+        if var not in env:
+            continue
+        raw = env[var]
+        try:
+            values[field] = parser(raw)
+        except ValueError as exc:
+            shown = "***" if var in _FILE_VARS else raw
+            raise SettingsError(var, shown, str(exc)) from None
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    """Cross-field checks: ranges of ports that must not overlap."""
+    replicas = set(range(s.port_base, s.port_base + s.replicas))
+    metrics = set(range(s.metrics_port_base, s.metrics_port_base + s.replicas))
+    if replicas & metrics:
+        raise SettingsError(
+            "BOT_METRICS_PORT_BASE", str(s.metrics_port_base), "overlaps the replica ports"
+        )
+    if max(replicas | metrics) > 65535:
+        raise SettingsError("BOT_REPLICAS", str(s.replicas), "port range exceeds 65535")
+    if s.public_port in replicas | metrics:
+        raise SettingsError("BOT_PUBLIC_PORT", str(s.public_port), "overlaps replica ports")
+
+
+ENV_VARS = tuple(_ENV)  # every variable the stack reads; the runner passes these on

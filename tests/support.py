@@ -1,0 +1,220 @@
+"""Helpers for tests that need real services: private Redis DBs, free ports, private stacks.
+
+Every test run claims its own Redis DB number (a lock key in DB 0) and starts stacks on free
+ports in its own run directory, so test runs, `make up` and other sessions never collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+import requests
+
+from bot.settings import load_settings
+from infra import runner
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def claim_redis_db(owner: str) -> int:
+    """Claim a Redis DB number (1-15) for this test run; released by `release_redis_db`."""
+    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    for _ in range(600):
+        for db in random.sample(range(1, 16), 15):
+            if r.set(f"bot-tests:db:{db}", owner, nx=True, ex=1800):
+                redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
+                return db
+        time.sleep(1)
+    raise RuntimeError("no free Redis DB for tests")
+
+
+def release_redis_db(db: int, owner: str) -> None:
+    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
+    if r.get(f"bot-tests:db:{db}") == owner.encode():
+        r.delete(f"bot-tests:db:{db}")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def free_port_block(size: int = 300) -> int:
+    """A base port whose `size` following ports are all free."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - size, 10)
+        if all(_free(base + i) for i in range(0, size)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def unique(prefix: str = "u") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class Stack:
+    """A private stack (NGINX, replicas, stub...) started with the native runner."""
+
+    run_dir: Path
+    env: dict[str, str]
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Any:
+        return load_settings(self.env)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['BOT_PUBLIC_PORT']}"
+
+    @property
+    def stub_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['BOT_STUB_PORT']}"
+
+    @property
+    def paths(self) -> runner.Paths:
+        return runner.Paths(self.run_dir)
+
+    def replica_url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.settings.replica_port(i)}"
+
+    def metrics_url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.settings.replica_metrics_port(i)}/metrics"
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.env["REDIS_URL"], decode_responses=True)
+
+    def start(self, timeout: float = 90) -> None:
+        settings = load_settings(self.env)
+        code = runner.up(settings, self.paths, self._process_env(), timeout=timeout)
+        if code != 0:
+            logs = "\n".join(
+                f"--- {p.name}\n{p.read_text()[-2000:]}" for p in self.paths.logs.glob("*.log")
+            )
+            self.stop()
+            raise RuntimeError(f"stack did not start:\n{logs}")
+
+    def _process_env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        env["PATH"] = f"{runner.VENV_BIN}:{env.get('PATH', '')}"
+        env["BOT_DOTENV"] = "/dev/null"
+        return env
+
+    def stop(self) -> None:
+        runner.down(self.paths)
+
+    def ctl(self, *args: str) -> str:
+        return runner._supervisorctl(self.paths, *args).stdout
+
+    def pid(self, name: str) -> int:
+        out = self.ctl("pid", name).strip()
+        return int(out) if out.isdigit() else 0
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        pid = self.pid(name)
+        assert pid, f"{name} is not running"
+        os.kill(pid, sig)
+        return pid
+
+    def wait_ready(self, name: str, timeout: float = 30) -> None:
+        i = int(name.split("-")[1])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(self.replica_url(i) + "/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"{name} not ready")
+
+    def faults(self, **faults: Any) -> None:
+        requests.post(self.stub_url + "/admin/faults", json=faults, timeout=5).raise_for_status()
+
+    def stub_stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = requests.get(self.stub_url + "/admin/stats", timeout=5).json()
+        return result
+
+    def reset_stub(self) -> None:
+        requests.post(self.stub_url + "/admin/reset", timeout=5).raise_for_status()
+        self.faults(error_rate=0.0, latency_ms=int(self.extra.get("latency_ms", 300)), outage=False)
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """NGINX's JSON access log (flushed every second)."""
+        path = self.paths.logs / "nginx-access.log"
+        if not path.exists():
+            return []
+        return [orjson.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def logs(self, name: str) -> str:
+        path = self.paths.logs / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+
+def stack_env(db: int, **overrides: str) -> dict[str, str]:
+    """Settings for a private stack on free ports, using Redis DB `db`."""
+    base = free_port_block()
+    env = {
+        "BOT_PUBLIC_PORT": str(base),
+        "BOT_PORT_BASE": str(base + 1),
+        "BOT_METRICS_PORT_BASE": str(base + 100),
+        "BOT_WORKER_METRICS_PORT": str(base + 200),
+        "BOT_STUB_PORT": str(base + 201),
+        "BOT_PROMETHEUS_PORT": str(base + 202),
+        "BOT_ALERTMANAGER_PORT": str(base + 203),
+        "UPSTREAM_URL": f"http://127.0.0.1:{base + 201}",
+        "REDIS_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}",
+        "AMQP_URL": AMQP_URL,
+        "BOT_QUEUE_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
+        "BOT_REPLICAS": "3",
+        "LOG_FORMAT": "json",
+    }
+    env.update(overrides)
+    return env
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, db: int, **overrides: str) -> Iterator[Stack]:
+    stack = Stack(tmp / "run", stack_env(db, **overrides))
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def post(url: str, body: Any, **kw: Any) -> requests.Response:
+    headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
+    data = body if isinstance(body, (bytes, str)) else orjson.dumps(body)
+    return requests.post(url, data=data, headers=headers, timeout=kw.pop("timeout", 15), **kw)
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
