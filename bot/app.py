@@ -128,6 +128,7 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         policy,
         LocalLimiter(policy.scaled(settings.replicas)),
         wait_timeout=lease_ms / 1000 + 1,
+        limit=settings.rate_limit_enabled,
     )
     if not settings.api_keys:
         log.warning("api_keys_unset", hint="set BOT_API_KEYS: /v1/* is open to anyone")

@@ -62,6 +62,7 @@ class Settings:
     replicas: int = 3
     rate_limit: Rate = Rate(30, 60.0)
     rate_burst: int = 10
+    rate_limit_enabled: bool = True
     api_keys: tuple[str, ...] = ()
     cache_ttl: float = 300.0
     cache_stale_ttl: float = 86400.0
@@ -139,6 +140,15 @@ def _url(*schemes: str) -> _Parser:
     return parse
 
 
+def _bool(v: str) -> bool:
+    v = v.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _keys(v: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in v.split(",") if k.strip())
 
@@ -165,6 +175,7 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_REPLICAS": ("replicas", _int(1, 64)),
     "BOT_RATE_LIMIT": ("rate_limit", parse_rate),
     "BOT_RATE_BURST": ("rate_burst", _int(0, 100_000)),
+    "BOT_RATE_LIMIT_ENABLED": ("rate_limit_enabled", _bool),
     "BOT_API_KEYS": ("api_keys", _keys),
     "BOT_CACHE_TTL": ("cache_ttl", _float(0, 30 * 86400)),
     "BOT_CACHE_STALE_TTL": ("cache_stale_ttl", _float(0, 30 * 86400)),

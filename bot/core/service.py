@@ -66,6 +66,7 @@ class BotService:
         *,
         deferrer: Deferrer | None = None,
         wait_timeout: float = 10.0,
+        limit: bool = True,
     ) -> None:
         self.store = store
         self.answerer = answerer
@@ -73,6 +74,7 @@ class BotService:
         self.local = local_limiter
         self.deferrer = deferrer
         self.wait_timeout = wait_timeout
+        self.limit = limit
 
     async def handle(self, msg: Message) -> Outcome:
         """Answer `msg`, or replay the answer it already had."""
@@ -112,12 +114,14 @@ class BotService:
     async def _admit(self, msg: Message, cmd: commands.Command) -> Admission:
         try:
             return await self.store.admit(
-                msg.user_id, msg.message_id, want_context=cmd.name == "ask"
+                msg.user_id, msg.message_id, want_context=cmd.name == "ask", limit=self.limit
             )
         except RedisError as exc:
             # Fail open to the per-replica limiter: Redis trouble must not become a 5xx.
             metrics.RATELIMIT_BACKEND_ERRORS.inc()
             log.warning("ratelimit_backend_error", error=type(exc).__name__)
+            if not self.limit:
+                return Admission("ok")
             state = self.local.check(msg.user_id)
             if state.retry_after_s > 0:
                 return Admission("limited", rate=state)
