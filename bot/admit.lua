@@ -8,28 +8,35 @@
 -- ARGV[5] 1 to return the context list          ARGV[6] 1 to apply the limit
 --
 -- Returns {kind, a, b, ctx}:
---   {"done", record}              the message was answered before: replay it, not counted
+--   {"done", record, remaining, reset_us}   answered before: replay it, not counted
 --   {"pending", pttl}             another request holds the claim: wait for its record
 --   {"limited", retry_us, reset_us}
 --   {"ok", remaining, reset_us, ctx}
 -- GCRA as in redis-cell: a request is allowed while TAT - now <= tau; each allowed request
 -- moves TAT on by T. Time is Redis server time, so replicas' clocks do not matter.
+local limit = ARGV[6] == "1"
+local now, interval, tau, tat = 0, 0, 0, 0
+if limit then
+  local t = redis.call("TIME")
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  interval = tonumber(ARGV[1])
+  tau = interval * tonumber(ARGV[2])
+  tat = tonumber(redis.call("GET", KEYS[2]) or now)
+  if tat < now then tat = now end
+end
+
 local record = redis.call("GET", KEYS[1])
 if record then
   if string.sub(record, 1, 1) == "P" then
     return {"pending", redis.call("PTTL", KEYS[1])}
   end
-  return {"done", record}
+  if not limit then return {"done", record, -1, 0} end
+  -- a replay costs nothing: report the state as it stands
+  return {"done", record, math.floor((tau + interval - (tat - now)) / interval), tat - now}
 end
 
 local remaining, reset = -1, 0
-if ARGV[6] == "1" then
-  local t = redis.call("TIME")
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local interval = tonumber(ARGV[1])
-  local tau = interval * tonumber(ARGV[2])
-  local tat = tonumber(redis.call("GET", KEYS[2]) or now)
-  if tat < now then tat = now end
+if limit then
   local new_tat = tat + interval
   local allow_at = new_tat - tau - interval
   if now < allow_at then

@@ -77,6 +77,15 @@ class RateLimited(_RetryLater):
     status = 429
     code = "rate_limited"
 
+    def __init__(
+        self, message: str, retry_after: float = 1.0, *, extra: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, retry_after)
+        self.extra = extra or {}
+
+    def headers(self) -> dict[str, str]:
+        return {**self.extra, **super().headers()}
+
 
 class Overloaded(_RetryLater):
     """This replica has too many requests in flight; try again (NGINX may try another)."""

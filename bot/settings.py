@@ -67,6 +67,14 @@ class Settings:
     cache_ttl: float = 300.0
     cache_stale_ttl: float = 86400.0
     upstream_timeout: float = 2.0
+    # Circuit breaker (per process): opens on `breaker_failure_ratio` of at least
+    # `breaker_min_calls` calls in `breaker_window` seconds, or on `breaker_consecutive`
+    # failures in a row; stays open `breaker_open_seconds`, then lets one probe through.
+    breaker_window: float = 30.0
+    breaker_min_calls: int = 10
+    breaker_failure_ratio: float = 0.5
+    breaker_consecutive: int = 5
+    breaker_open_seconds: float = 10.0
     retry_max_attempts: int = 8
     retry_base_delay: float = 1.0
     retry_max_delay: float = 300.0
@@ -80,7 +88,13 @@ class Settings:
     stub_port: int = 8099
     prometheus_port: int = 9090
     alertmanager_port: int = 9093
+    # Prometheus, Alertmanager, the alert sink and the exporters; tests opt in per stack.
+    observability: bool = True
+    scrape_interval: float = 15.0  # seconds; also Prometheus's rule evaluation interval
     max_inflight: int = 256
+    edge_rate: int = 2000  # NGINX limit_req per client address, requests/s
+    edge_burst: int = 4000
+    edge_conn: int = 1024  # NGINX limit_conn per client address
     idempotency_ttl: int = 86400
     drain_timeout: float = 10.0
 
@@ -91,6 +105,11 @@ class Settings:
     def replica_metrics_port(self, index: int) -> int:
         """Metrics port of replica `index` (1-based)."""
         return self.metrics_port_base + index - 1
+
+    @property
+    def alertsink_port(self) -> int:
+        """The local alert sink (Alertmanager's webhook receiver): beside Alertmanager."""
+        return self.alertmanager_port + 1
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -180,6 +199,11 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_CACHE_TTL": ("cache_ttl", _float(0, 30 * 86400)),
     "BOT_CACHE_STALE_TTL": ("cache_stale_ttl", _float(0, 30 * 86400)),
     "BOT_UPSTREAM_TIMEOUT": ("upstream_timeout", _float(0.01, 120)),
+    "BOT_BREAKER_WINDOW": ("breaker_window", _float(0.1, 3600)),
+    "BOT_BREAKER_MIN_CALLS": ("breaker_min_calls", _int(1, 100_000)),
+    "BOT_BREAKER_FAILURE_RATIO": ("breaker_failure_ratio", _float(0.01, 1.0)),
+    "BOT_BREAKER_CONSECUTIVE": ("breaker_consecutive", _int(1, 100_000)),
+    "BOT_BREAKER_OPEN_SECONDS": ("breaker_open_seconds", _float(0.1, 3600)),
     "BOT_RETRY_MAX_ATTEMPTS": ("retry_max_attempts", _int(1, 100)),
     "BOT_RETRY_BASE_DELAY": ("retry_base_delay", _float(0.01, 3600)),
     "BOT_RETRY_MAX_DELAY": ("retry_max_delay", _float(0.01, 86400)),
@@ -193,7 +217,12 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_STUB_PORT": ("stub_port", _PORT),
     "BOT_PROMETHEUS_PORT": ("prometheus_port", _PORT),
     "BOT_ALERTMANAGER_PORT": ("alertmanager_port", _PORT),
+    "BOT_OBSERVABILITY": ("observability", _bool),
+    "BOT_SCRAPE_INTERVAL": ("scrape_interval", _float(0.5, 300)),
     "BOT_MAX_INFLIGHT": ("max_inflight", _int(1, 100_000)),
+    "BOT_EDGE_RATE": ("edge_rate", _int(1, 1_000_000)),
+    "BOT_EDGE_BURST": ("edge_burst", _int(0, 1_000_000)),
+    "BOT_EDGE_CONN": ("edge_conn", _int(1, 1_000_000)),
     "BOT_IDEMPOTENCY_TTL": ("idempotency_ttl", _int(60, 30 * 86400)),
     "BOT_DRAIN_TIMEOUT": ("drain_timeout", _float(0, 300)),
 }

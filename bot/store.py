@@ -101,7 +101,8 @@ class Store:
         )
         kind = res[0]
         if kind == "done":
-            return Admission("done", record=orjson.loads(res[1]))
+            rate = RateState(int(res[2]), int(res[3]) / 1e6) if limit else None
+            return Admission("done", record=orjson.loads(res[1]), rate=rate)
         if kind == "pending":
             return Admission("pending", pending_ms=int(res[1]))
         if kind == "limited":

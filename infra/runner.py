@@ -12,7 +12,6 @@ at `REDIS_URL` / `AMQP_URL` are reused when they answer; otherwise the runner ad
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import socket
@@ -111,9 +110,9 @@ def render_nginx(settings: Settings, paths: Paths, upstream_host: str = "127.0.0
             "public_host": "0.0.0.0",
             "public_port": settings.public_port,
             "status_port": nginx_status_port(settings),
-            "addr_rate": os.environ.get("NGINX_ADDR_RATE", "2000"),
-            "addr_burst": os.environ.get("NGINX_ADDR_BURST", "4000"),
-            "addr_conn": os.environ.get("NGINX_ADDR_CONN", "1024"),
+            "addr_rate": settings.edge_rate,
+            "addr_burst": settings.edge_burst,
+            "addr_conn": settings.edge_conn,
         },
     )
 

@@ -195,6 +195,8 @@ def stack_env(db: int, **overrides: str) -> dict[str, str]:
         "BOT_QUEUE_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
         "BOT_REPLICAS": "3",
         "LOG_FORMAT": "json",
+        # Prometheus, Alertmanager and the exporters only where a test asks for them.
+        "BOT_OBSERVABILITY": "false",
     }
     env.update(overrides)
     return env
@@ -218,3 +220,50 @@ def post(url: str, body: Any, **kw: Any) -> requests.Response:
 
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, that the test may stop and restart."""
+
+    def __init__(self, data_dir: Path, *, appendonly: bool = True) -> None:
+        self.port = free_port()
+        self.dir = data_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always" if self.appendonly else "no",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
+                if client.ping():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("private redis did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+            self.proc = None

@@ -94,11 +94,17 @@ class BotService:
                 raise Unavailable("the same message is still being processed", 1, code="busy")
         if adm.kind == "done":
             assert adm.record is not None
-            return self._replay(adm.record)
+            replay = self._replay(adm.record)
+            replay.rate = adm.rate
+            return replay
         if adm.kind == "limited":
             metrics.MESSAGES.labels(outcome="rate_limited").inc()
             assert adm.rate is not None
-            raise RateLimited("too many messages; slow down", adm.rate.retry_after_s)
+            raise RateLimited(
+                "too many messages; slow down",
+                adm.rate.retry_after_s,
+                extra=adm.rate.headers(self.policy),
+            )
 
         try:
             outcome = await self._run(msg, cmd, adm.context)
