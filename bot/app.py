@@ -29,7 +29,7 @@ from bot.logging import get_logger
 from bot.ratelimit import LocalLimiter, Policy
 from bot.settings import Settings
 from bot.store import Store
-from bot.upstream import UpstreamClient, probe
+from bot.upstream import build_answerer, probe
 
 log = get_logger(__name__)
 Check = Callable[[], Awaitable[bool]]
@@ -124,7 +124,7 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     app[SERVICE] = BotService(
         store,
-        UpstreamClient(app[HTTP], settings),
+        build_answerer(settings, app[REDIS], app[HTTP]),
         policy,
         LocalLimiter(policy.scaled(settings.replicas)),
         wait_timeout=lease_ms / 1000 + 1,

@@ -1,47 +1,54 @@
-"""Client for the external API the bot asks questions of.
+"""Clients for the external API the bot asks questions of, and their composition.
 
-`UpstreamClient.answer` makes one call with the configured timeout and raises
-`UpstreamUnavailable` on any failure, counting every outcome. The cache and the circuit
-breaker wrap it (they implement the same `Answerer` protocol).
+`UpstreamClient` asks the bundled stub's `POST /answer`; `OpenAIClient` asks any
+OpenAI-compatible `chat/completions` endpoint (`UPSTREAM_KIND=openai`). Each `answer` makes
+one call with the configured timeout and raises `UpstreamUnavailable` on any failure,
+counting every outcome; no retries here (the retry queue retries). `build_answerer` wraps
+the client in the circuit breaker and the shared cache: replicas and the retry worker both
+call it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
+from redis.asyncio import Redis
 
 from bot import metrics
+from bot.answers import Answer, Answerer
+from bot.breaker import BreakerAnswerer, CircuitBreaker
+from bot.cache import CachedAnswerer
 from bot.errors import UpstreamUnavailable
 from bot.settings import Settings
 
+__all__ = ["Answer", "Answerer", "OpenAIClient", "UpstreamClient", "build_answerer", "probe"]
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    text: str
-    cache: str = "MISS"  # HIT | MISS | STALE | BYPASS
-
-    @property
-    def cached(self) -> bool:
-        return self.cache in ("HIT", "STALE")
-
-
-class Answerer(Protocol):
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer: ...
+_RETRY_AFTER_STATUSES = (429, 503)
 
 
 def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if value and value.strip().isdigit():
+    """Seconds the upstream asked us to wait (delta-seconds or an HTTP date), if it did."""
+    if resp.status not in _RETRY_AFTER_STATUSES:
+        return None
+    value = (resp.headers.get("Retry-After") or "").strip()
+    if value.isdigit():
         return float(value)
-    return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
-class UpstreamClient:
-    """One call to the upstream per `answer`; no retries here (the queue retries)."""
+class _HttpUpstream:
+    """One HTTP call per answer, with the timeout, every outcome counted."""
 
     def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
         self.session = session
@@ -65,17 +72,94 @@ class UpstreamClient:
             metrics.UPSTREAM_DURATION.observe(time.perf_counter() - started)
 
     async def _call(self, question: str, context: list[dict[str, Any]]) -> str:
-        payload = {"q": question, "context": context}
+        raise NotImplementedError
+
+    async def _post(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> Any:
         async with self.session.post(
-            f"{self.base}/answer", json=payload, timeout=self.timeout
+            url, json=payload, headers=headers, timeout=self.timeout
         ) as resp:
             if resp.status != 200:
                 raise UpstreamUnavailable(f"upstream answered {resp.status}", _retry_after(resp))
             try:
-                data = await resp.json(content_type=None)
-                return str(data["answer"])
-            except (ValueError, KeyError, TypeError):
+                return await resp.json(content_type=None)
+            except ValueError:
                 raise UpstreamUnavailable("upstream sent an unreadable answer") from None
+
+
+class UpstreamClient(_HttpUpstream):
+    """The bundled stub's API: `POST /answer` with `{"q", "context"}` -> `{"answer"}`."""
+
+    async def _call(self, question: str, context: list[dict[str, Any]]) -> str:
+        data = await self._post(f"{self.base}/answer", {"q": question, "context": context}, {})
+        try:
+            return str(data["answer"])
+        except (KeyError, TypeError):
+            raise UpstreamUnavailable("upstream sent an unreadable answer") from None
+
+
+def chat_messages(question: str, context: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The conversation as chat messages: earlier exchanges, then the question."""
+    messages: list[dict[str, str]] = []
+    for turn in context:
+        if turn.get("q"):
+            messages.append({"role": "user", "content": str(turn["q"])})
+        if turn.get("a"):
+            messages.append({"role": "assistant", "content": str(turn["a"])})
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+class OpenAIClient(_HttpUpstream):
+    """An OpenAI-compatible `chat/completions` endpoint (`UPSTREAM_URL` with or without /v1)."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+        super().__init__(session, settings)
+        path = "/chat/completions" if self.base.endswith("/v1") else "/v1/chat/completions"
+        self.url = self.base + path
+        self.model = settings.upstream_model
+        # The key lives only in this header; the logger redacts it from any event too.
+        key = settings.upstream_api_key
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def _call(self, question: str, context: list[dict[str, Any]]) -> str:
+        payload = {"model": self.model, "messages": chat_messages(question, context)}
+        data = await self._post(self.url, payload, self._headers)
+        try:
+            return str(data["choices"][0]["message"]["content"])
+        except (KeyError, IndexError, TypeError):
+            raise UpstreamUnavailable("upstream sent an unreadable answer") from None
+
+
+def upstream_kind(settings: Settings) -> str:
+    """What answers depend on besides the question: the API, and the model for OpenAI."""
+    if settings.upstream_kind == "openai":
+        return f"openai:{settings.upstream_model}"
+    return settings.upstream_kind
+
+
+def build_answerer(settings: Settings, redis: Redis, session: aiohttp.ClientSession) -> Answerer:
+    """The upstream as the bot asks it: cache (single-flight, stale) -> breaker -> client.
+
+    Call once per process: the breaker it creates is this process's own.
+    """
+    client: Answerer = (
+        OpenAIClient(session, settings)
+        if settings.upstream_kind == "openai"
+        else UpstreamClient(session, settings)
+    )
+    guarded = BreakerAnswerer(client, CircuitBreaker.from_settings(settings))
+    # The lock outlives one upstream call (timeout + margin to store the answer); a waiter
+    # waits for a holder that may die (the lock lapses) and for its own takeover call.
+    lock = settings.upstream_timeout + 1.0
+    return CachedAnswerer(
+        redis,
+        guarded,
+        kind=upstream_kind(settings),
+        ttl=settings.cache_ttl,
+        stale_ttl=settings.cache_stale_ttl,
+        lock_seconds=lock,
+        wait_seconds=lock + settings.upstream_timeout + 0.5,
+    )
 
 
 async def probe(session: aiohttp.ClientSession, base: str, wait: float = 1.0) -> bool:

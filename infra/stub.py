@@ -1,6 +1,7 @@
 """The upstream stub: a fake external API with fault injection (contract: port 8099).
 
-`GET /answer?q=` (or `POST /answer` with `{"q", "context"}`) answers after `latency_ms`;
+`GET /answer?q=` (or `POST /answer` with `{"q", "context"}`, or the OpenAI-compatible
+`POST /v1/chat/completions`) answers after `latency_ms`;
 `POST /admin/faults` sets `error_rate`, `latency_ms` and `outage`; `GET /admin/stats` counts
 calls and failures; `POST /admin/reset` clears both. Answers carry the call's sequence
 number so tests can tell one upstream call from another.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,6 +75,46 @@ async def answer(request: web.Request) -> web.Response:
     return _json({"answer": f"[{stats.calls}] You asked: {q}", "context_messages": len(context)})
 
 
+async def chat_completions(request: web.Request) -> web.Response:
+    """An OpenAI-compatible chat completion: answers the last user message, same faults."""
+    try:
+        data = await request.json(loads=orjson.loads)
+        messages = [(str(m["role"]), str(m["content"])) for m in data["messages"]]
+        model = str(data.get("model", ""))
+        if not messages or messages[-1][0] != "user":
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        return _json({"error": {"message": "expected {model, messages: [...user]}"}}, 400)
+    failed = await _fault(request)
+    if failed is not None:
+        return failed
+    stats: Stats = request.app[STATS]["now"]
+    q = messages[-1][1]
+    stats.last = {
+        "q": q,
+        "context": [{"role": r, "content": c} for r, c in messages[:-1]],
+        "model": model,
+        "authorization": request.headers.get("Authorization", ""),
+    }
+    n = stats.calls
+    return _json(
+        {
+            "id": f"chatcmpl-stub-{n}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f"[{n}] You asked: {q}"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
+    )
+
+
 async def set_faults(request: web.Request) -> web.Response:
     try:
         data = await request.json(loads=orjson.loads)
@@ -110,6 +152,7 @@ def create_stub_app(latency_ms: int = 300) -> web.Application:
     app[STATS] = {"now": Stats()}
     app.router.add_route("GET", "/answer", answer)
     app.router.add_route("POST", "/answer", answer)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/admin/faults", set_faults)
     app.router.add_get("/admin/stats", stats)
     app.router.add_post("/admin/reset", reset)

@@ -1,0 +1,31 @@
+"""What an answerer returns and the protocol every upstream layer implements.
+
+Kept apart from `bot.upstream` so the layers that wrap the client (`bot.cache`,
+`bot.breaker`) and the client itself import it without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["Answer", "Answerer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream answer and where it came from (the `X-Cache` header)."""
+
+    text: str
+    cache: str = "MISS"  # HIT | MISS | STALE
+
+    @property
+    def cached(self) -> bool:
+        """Whether the reply was served from the cache rather than a call made for it."""
+        return self.cache in ("HIT", "STALE")
+
+
+class Answerer(Protocol):
+    """Answers a question; raises `bot.errors.UpstreamUnavailable` on any failure."""
+
+    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer: ...

@@ -1,0 +1,179 @@
+"""A circuit breaker around the upstream client, one per process.
+
+Closed: calls go through and their outcomes fill a rolling window. It opens when, within
+`window` seconds, at least `min_calls` calls were made and `failure_ratio` of them failed,
+or when `consecutive` calls failed in a row, or at once when the upstream answered 429/503
+with a `Retry-After` (it told us when to come back). Open: calls fail at once
+(`short_circuited`) for `open_seconds` instead of each waiting for the timeout. Then
+half-open: one probe at a time goes through; a success closes the circuit, a failure opens
+it again. Per process on purpose: each replica judges the upstream from its own calls, with
+no shared state that could itself fail.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from bot import metrics
+from bot.answers import Answer, Answerer
+from bot.errors import UpstreamUnavailable
+from bot.logging import get_logger
+from bot.settings import Settings
+
+log = get_logger(__name__)
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+_GAUGE = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+_MAX_RETRY_AFTER = 3600.0
+
+
+class CircuitBreaker:
+    """The breaker's state machine (no I/O; the clock is injectable for tests)."""
+
+    def __init__(
+        self,
+        *,
+        window: float,
+        min_calls: int,
+        failure_ratio: float,
+        consecutive: int,
+        open_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.min_calls = min_calls
+        self.failure_ratio = failure_ratio
+        self.consecutive = consecutive
+        self.open_seconds = open_seconds
+        self.clock = clock
+        self._state = CLOSED
+        self._calls: deque[tuple[float, bool]] = deque()  # (when, ok) inside the window
+        self._failures = 0  # failures among `_calls`
+        self._streak = 0  # consecutive failures
+        self._open_until = 0.0
+        self._probing = False
+        metrics.CIRCUIT_STATE.set(0)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CircuitBreaker:
+        return cls(
+            window=settings.breaker_window,
+            min_calls=settings.breaker_min_calls,
+            failure_ratio=settings.breaker_failure_ratio,
+            consecutive=settings.breaker_consecutive,
+            open_seconds=settings.breaker_open_seconds,
+        )
+
+    @property
+    def state(self) -> str:
+        """closed | open | half_open (an open circuit turns half-open once its time is up)."""
+        if self._state == OPEN and self.clock() >= self._open_until:
+            self._set(HALF_OPEN)
+        return self._state
+
+    def acquire(self) -> None:
+        """Let a call through or raise `UpstreamUnavailable` (short-circuited) at once."""
+        state = self.state
+        if state == CLOSED:
+            return
+        if state == HALF_OPEN and not self._probing:
+            self._probing = True
+            return
+        wait = max(self._open_until - self.clock(), 0.0) if state == OPEN else 1.0
+        raise UpstreamUnavailable("upstream circuit is open", max(wait, 1.0))
+
+    def release(self) -> None:
+        """A call let through ended with no verdict (cancelled): free the probe slot."""
+        self._probing = False
+
+    def success(self) -> None:
+        self._probing = False
+        self._streak = 0
+        if self._state != CLOSED:
+            self._reset_window()
+            self._set(CLOSED)
+            return
+        self._record(ok=True)
+
+    def failure(self, retry_after: float | None = None) -> None:
+        self._probing = False
+        self._streak += 1
+        if self._state != CLOSED:
+            self._trip("probe_failed", retry_after)
+            return
+        self._record(ok=False)
+        calls = len(self._calls)
+        if retry_after is not None:
+            self._trip("retry_after", retry_after)
+        elif self._streak >= self.consecutive:
+            self._trip("consecutive_failures", None)
+        elif calls >= self.min_calls and self._failures >= self.failure_ratio * calls:
+            self._trip("failure_ratio", None)
+
+    def _record(self, *, ok: bool) -> None:
+        now = self.clock()
+        self._calls.append((now, ok))
+        if not ok:
+            self._failures += 1
+        horizon = now - self.window
+        while self._calls and self._calls[0][0] < horizon:
+            _, was_ok = self._calls.popleft()
+            if not was_ok:
+                self._failures -= 1
+
+    def _reset_window(self) -> None:
+        self._calls.clear()
+        self._failures = 0
+
+    def _trip(self, reason: str, retry_after: float | None) -> None:
+        seconds = self.open_seconds
+        if retry_after is not None:
+            # The upstream said when to come back (429/503 Retry-After): that is the open time.
+            seconds = min(max(retry_after, 0.1), _MAX_RETRY_AFTER)
+        self._open_until = self.clock() + seconds
+        log.warning(
+            "circuit_opened",
+            reason=reason,
+            calls=len(self._calls),
+            failures=self._failures,
+            streak=self._streak,
+            open_seconds=seconds,
+        )
+        self._reset_window()
+        self._set(OPEN)
+
+    def _set(self, state: str) -> None:
+        if state != self._state:
+            if state != OPEN:
+                log.info("circuit_" + state, previous=self._state)
+            self._state = state
+        metrics.CIRCUIT_STATE.set(_GAUGE[state])
+
+
+class BreakerAnswerer:
+    """An `Answerer` that asks `inner` only while the breaker lets it."""
+
+    def __init__(self, inner: Answerer, breaker: CircuitBreaker) -> None:
+        self.inner = inner
+        self.breaker = breaker
+        self._short = metrics.UPSTREAM_REQUESTS.labels(outcome="short_circuited")
+
+    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        try:
+            self.breaker.acquire()
+        except UpstreamUnavailable:
+            self._short.inc()
+            raise
+        try:
+            answer = await self.inner.answer(question, context)
+        except UpstreamUnavailable as exc:
+            self.breaker.failure(exc.retry_after)
+            raise
+        except BaseException:
+            self.breaker.release()
+            raise
+        self.breaker.success()
+        return answer

@@ -1,0 +1,54 @@
+-- The upstream answer cache, one round trip per step. Server time (TIME) throughout, so
+-- replicas with skewed clocks agree on freshness.
+-- KEYS: entry (hash a=answer, t=stored at ms), lock, failure marker ("at_ms|json")
+-- ARGV[1] = op: lookup | store | fail
+--   lookup: token, lock_ms, ttl_ms, since_ms (0 on the first lookup; a waiter's start after)
+--     -> {"hit", answer, now} | {"lead", stale|false, now} | {"wait", stale|false, now}
+--        | {"failed", stale|false, now, marker}
+--   store: token, answer, keep_ms -> 1; releases the lock when `token` still holds it
+--   fail: token, marker json, marker_ms -> 1; releases the lock when `token` still holds it
+local t = redis.call('TIME')
+local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local op = ARGV[1]
+
+local function release(token)
+  if redis.call('GET', KEYS[2]) == token then
+    redis.call('DEL', KEYS[2])
+  end
+end
+
+if op == 'lookup' then
+  local e = redis.call('HMGET', KEYS[1], 'a', 't')
+  local since = tonumber(ARGV[5])
+  if e[1] then
+    local at = tonumber(e[2])
+    -- fresh, or written by the call a waiter has been waiting for
+    if tonumber(now) - at < tonumber(ARGV[4]) or (since > 0 and at >= since) then
+      return {'hit', e[1], now}
+    end
+  end
+  local stale = e[1] or false
+  if since > 0 then
+    local f = redis.call('GET', KEYS[3])
+    if f then
+      local bar = string.find(f, '|', 1, true)
+      if bar and tonumber(string.sub(f, 1, bar - 1)) >= since then
+        return {'failed', stale, now, string.sub(f, bar + 1)}
+      end
+    end
+  end
+  if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+    return {'lead', stale, now}
+  end
+  return {'wait', stale, now}
+elseif op == 'store' then
+  redis.call('HSET', KEYS[1], 'a', ARGV[3], 't', now)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  release(ARGV[2])
+  return 1
+elseif op == 'fail' then
+  redis.call('SET', KEYS[3], now .. '|' .. ARGV[3], 'PX', ARGV[4])
+  release(ARGV[2])
+  return 1
+end
+return redis.error_reply('unknown op')

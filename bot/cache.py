@@ -1,0 +1,175 @@
+"""The upstream answer cache: shared in Redis, single-flight across replicas, stale on error.
+
+An answer is kept under a hash of the normalised question (case-folded, whitespace
+collapsed) and the upstream kind. It is fresh for `BOT_CACHE_TTL` and kept
+`BOT_CACHE_STALE_TTL` longer as a stale copy, served only when the upstream fails or its
+circuit is open (`X-Cache: STALE`).
+
+Conversation context is deliberately *not* part of the key. Every user's last ten messages
+differ, so a key over them would make nearly every lookup a miss, and single-flight would
+never merge two users' identical questions: the cache would cost a round trip and save
+nothing. The price is that a follow-up whose meaning depends on context ("and its mass?")
+shares one answer across users; the bot treats questions as standalone lookups, and the
+first asker's context is what the upstream sees.
+
+Single-flight: the first lookup that misses also takes a short Redis lock (a random token,
+expiring after the upstream timeout plus a margin) in the same script, and makes the one
+upstream call; everyone else, on any replica, polls the same script with a backoff until
+the answer is stored, the holder records a failure, or the lock lapses (the holder died) and
+the poller takes it over. Within a process, concurrent lookups of one key share a single
+flight, so a replica polls Redis once per key however many users wait on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from importlib.resources import files
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bot import metrics
+from bot.answers import Answer, Answerer
+from bot.errors import UpstreamUnavailable
+from bot.logging import get_logger
+
+log = get_logger(__name__)
+
+_SCRIPT = files("bot").joinpath("cache.lua").read_text()
+
+
+def normalise(question: str) -> str:
+    """The form two questions must share to share an answer."""
+    return " ".join(question.casefold().split())
+
+
+def cache_id(question: str, kind: str) -> str:
+    """The cache's id for `question` asked of upstream `kind`."""
+    return hashlib.sha256(f"{kind}\n{normalise(question)}".encode()).hexdigest()[:32]
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class CachedAnswerer:
+    """An `Answerer` that consults the shared cache before asking `inner`, once per question."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        inner: Answerer,
+        *,
+        kind: str,
+        ttl: float,
+        stale_ttl: float,
+        lock_seconds: float,
+        wait_seconds: float,
+        poll: tuple[float, float] = (0.01, 0.1),
+    ) -> None:
+        self.inner = inner
+        self.kind = kind
+        self.ttl_ms = int(ttl * 1000)
+        self.keep_ms = max(int((ttl + stale_ttl) * 1000), 1000)
+        self.lock_ms = max(int(lock_seconds * 1000), 100)
+        self.wait_seconds = wait_seconds
+        self.poll = poll
+        self._script = redis.register_script(_SCRIPT)
+        self._flights: dict[str, asyncio.Task[Answer]] = {}
+        self._lookups = {
+            cache: metrics.CACHE_LOOKUPS.labels(result=cache.lower())
+            for cache in ("HIT", "MISS", "STALE")
+        }
+
+    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        cid = cache_id(question, self.kind)
+        flight = self._flights.get(cid)
+        if flight is None:
+            flight = asyncio.ensure_future(self._resolve(cid, question, context))
+            self._flights[cid] = flight
+            flight.add_done_callback(lambda done: self._landed(cid, done))
+        try:
+            # Shielded: a caller that goes away must not cancel the others' flight.
+            answer = await asyncio.shield(flight)
+        except UpstreamUnavailable:
+            self._lookups["MISS"].inc()
+            raise
+        self._lookups[answer.cache].inc()
+        return answer
+
+    def _landed(self, cid: str, flight: asyncio.Task[Answer]) -> None:
+        if self._flights.get(cid) is flight:
+            del self._flights[cid]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every caller may have gone
+
+    async def _resolve(self, cid: str, question: str, context: list[dict[str, Any]]) -> Answer:
+        keys = [f"cache:{{{cid}}}:a", f"cache:{{{cid}}}:lock", f"cache:{{{cid}}}:err"]
+        token = uuid.uuid4().hex
+        stale: str | None = None
+        since = 0
+        deadline = 0.0
+        delay = self.poll[0]
+        while True:
+            try:
+                res = await self._script(
+                    keys=keys, args=["lookup", token, self.lock_ms, self.ttl_ms, since]
+                )
+            except RedisError as exc:
+                # No cache and no single-flight without Redis, but the question still
+                # deserves its answer: ask the upstream directly.
+                log.warning("cache_unavailable", error=type(exc).__name__)
+                return await self.inner.answer(question, context)
+            status = _str(res[0])
+            if res[1] is not None:
+                if status == "hit":
+                    return Answer(_str(res[1]), "HIT" if since == 0 else "MISS")
+                stale = _str(res[1])
+            if status == "lead":
+                return await self._lead(keys, token, question, context, stale)
+            if status == "failed":
+                marker = orjson.loads(res[3])
+                return self._fallback(stale, marker["reason"], marker.get("retry_after"))
+            if since == 0:
+                since = int(res[2])
+                deadline = time.monotonic() + self.wait_seconds
+            elif time.monotonic() >= deadline:
+                return self._fallback(stale, "timed out waiting for the upstream call", None)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, self.poll[1])
+
+    async def _lead(
+        self,
+        keys: list[str],
+        token: str,
+        question: str,
+        context: list[dict[str, Any]],
+        stale: str | None,
+    ) -> Answer:
+        try:
+            answer = await self.inner.answer(question, context)
+        except UpstreamUnavailable as exc:
+            marker = orjson.dumps({"reason": exc.reason, "retry_after": exc.retry_after})
+            await self._run(keys, "fail", token, marker, self.lock_ms)
+            return self._fallback(stale, exc.reason, exc.retry_after)
+        await self._run(keys, "store", token, answer.text, self.keep_ms)
+        return Answer(answer.text, "MISS")
+
+    async def _run(self, keys: list[str], *args: Any) -> None:
+        try:
+            await self._script(keys=keys, args=args)
+        except RedisError as exc:
+            # The answer still goes out; waiters find the lock lapsing and take over.
+            log.warning("cache_write_failed", op=args[0], error=type(exc).__name__)
+
+    def _fallback(self, stale: str | None, reason: str, retry_after: float | None) -> Answer:
+        """The stale copy when there is one; otherwise the failure, for the caller to defer."""
+        if stale is None:
+            raise UpstreamUnavailable(reason, retry_after)
+        log.info("cache_served_stale", reason=reason)
+        return Answer(stale, "STALE")

@@ -1,0 +1,308 @@
+"""The shared answer cache: hit/miss/stale, TTL, single-flight (in-process and through NGINX),
+a dead lock holder, stale-on-error and the OpenAI-compatible upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import requests
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+
+from bot.answers import Answer
+from bot.cache import CachedAnswerer, cache_id, normalise
+from bot.errors import UpstreamUnavailable
+from tests.support import Stack, post, unique
+
+
+class CountingUpstream:
+    """An in-process upstream that numbers its calls (like the stub) and can fail."""
+
+    def __init__(self, delay: float = 0.05) -> None:
+        self.delay = delay
+        self.calls = 0
+        self.fail = False
+
+    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        self.calls += 1
+        n = self.calls
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise UpstreamUnavailable("upstream answered 503", 2.0)
+        return Answer(f"[{n}] {question}")
+
+
+def cached(redis: Redis, upstream: CountingUpstream, **kw: Any) -> CachedAnswerer:
+    opts: dict[str, Any] = {
+        "kind": "stub",
+        "ttl": 0.3,
+        "stale_ttl": 60,
+        "lock_seconds": 1.0,
+        "wait_seconds": 2.5,
+    }
+    opts.update(kw)
+    return CachedAnswerer(redis, upstream, **opts)
+
+
+def lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("bot_cache_lookups_total", {"result": result}) or 0.0
+
+
+def test_key_ignores_case_and_spacing_but_not_the_upstream_kind() -> None:
+    assert normalise("  What IS\ta  Pulsar? ") == "what is a pulsar?"
+    assert cache_id("What is a pulsar?", "stub") == cache_id("what  is a PULSAR?", "stub")
+    assert cache_id("what is a pulsar?", "stub") != cache_id("what is a pulsar?", "openai:m")
+    assert cache_id("what is a pulsar?", "stub") != cache_id("what is a quasar?", "stub")
+
+
+async def test_hit_miss_and_stale_are_counted_and_flagged(redis: Redis) -> None:
+    upstream = CountingUpstream()
+    cache = cached(redis, upstream)
+    before = {r: lookups(r) for r in ("hit", "miss", "stale")}
+
+    miss = await cache.answer("What is a pulsar?", [])
+    hit = await cache.answer("  what is a PULSAR? ", [])
+    assert (miss.cache, miss.cached, hit.cache, hit.cached) == ("MISS", False, "HIT", True)
+    assert hit.text == miss.text == "[1] What is a pulsar?"
+
+    await asyncio.sleep(0.35)  # past the TTL: what is left is a stale copy
+    upstream.fail = True
+    stale = await cache.answer("what is a pulsar?", [])
+    assert (stale.cache, stale.cached, stale.text) == ("STALE", True, miss.text)
+
+    assert upstream.calls == 2  # the hit asked nobody; the stale one tried first
+    after = {r: lookups(r) - before[r] for r in before}
+    assert after == {"hit": 1, "miss": 1, "stale": 1}
+
+
+async def test_cached_answer_expires_after_the_ttl(redis: Redis) -> None:
+    upstream = CountingUpstream()
+    cache = cached(redis, upstream)
+    assert (await cache.answer("q-ttl", [])).cache == "MISS"
+    assert (await cache.answer("q-ttl", [])).cache == "HIT"
+    await asyncio.sleep(0.35)
+    fresh = await cache.answer("q-ttl", [])
+    assert (fresh.cache, fresh.text) == ("MISS", "[2] q-ttl")
+
+
+async def test_failure_without_a_stale_copy_raises_with_retry_after(redis: Redis) -> None:
+    upstream = CountingUpstream()
+    upstream.fail = True
+    before = lookups("miss")
+    with pytest.raises(UpstreamUnavailable) as err:
+        await cached(redis, upstream).answer("never answered", [])
+    assert err.value.retry_after == 2.0
+    assert lookups("miss") - before == 1
+
+
+async def test_context_is_not_part_of_the_key(redis: Redis) -> None:
+    upstream = CountingUpstream()
+    cache = cached(redis, upstream)
+    first = await cache.answer("q-ctx", [{"q": "hello", "a": "hi"}])
+    second = await cache.answer("q-ctx", [{"q": "something else", "a": "ok"}])
+    assert (second.cache, second.text, upstream.calls) == ("HIT", first.text, 1)
+
+
+async def test_single_flight_across_processes_calls_once(redis_url: str) -> None:
+    upstream = CountingUpstream(delay=0.2)
+    clients = [Redis.from_url(redis_url, decode_responses=True) for _ in range(3)]
+    try:
+        replicas = [cached(r, upstream) for r in clients]
+        answers = await asyncio.gather(*(replicas[i % 3].answer("q-flight", []) for i in range(60)))
+    finally:
+        for r in clients:
+            await r.aclose()
+    assert upstream.calls == 1
+    assert {a.text for a in answers} == {"[1] q-flight"}
+
+
+async def test_waiters_share_the_holder_failure_at_once(redis_url: str) -> None:
+    upstream = CountingUpstream(delay=0.2)
+    upstream.fail = True
+    clients = [Redis.from_url(redis_url, decode_responses=True) for _ in range(2)]
+    try:
+        a, b = (cached(r, upstream) for r in clients)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            a.answer("q-fail", []), b.answer("q-fail", []), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        for r in clients:
+            await r.aclose()
+    assert all(isinstance(r, UpstreamUnavailable) for r in results), results
+    assert upstream.calls == 1  # the waiter did not call again
+    assert elapsed < 1.0  # nor wait for the lock to lapse
+
+
+async def test_waiter_takes_over_when_the_lock_holder_is_gone(redis: Redis) -> None:
+    upstream = CountingUpstream()
+    cache = cached(redis, upstream)
+    # A holder that took the lock and died: nobody will store or release.
+    await redis.set(f"cache:{{{cache_id('q-orphan', 'stub')}}}:lock", "dead", px=400)
+    started = time.monotonic()
+    answer = await cache.answer("q-orphan", [])
+    elapsed = time.monotonic() - started
+    assert (answer.text, upstream.calls) == ("[1] q-orphan", 1)
+    assert 0.3 < elapsed < 2.5
+
+
+async def test_answers_without_redis_by_asking_upstream() -> None:
+    upstream = CountingUpstream()
+    dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, socket_timeout=0.2)
+    try:
+        answer = await cached(dead, upstream).answer("q-no-redis", [])
+    finally:
+        await dead.aclose()
+    assert (answer.text, answer.cache) == ("[1] q-no-redis", "MISS")
+
+
+# --- through NGINX, against the stub ------------------------------------------------------
+
+
+def _metric(stack: Stack, name: str, labels: str) -> float:
+    total = 0.0
+    for i in range(1, int(stack.env["BOT_REPLICAS"]) + 1):
+        for line in requests.get(stack.metrics_url(i), timeout=5).text.splitlines():
+            if line.startswith(f"{name}{{{labels}}} "):
+                total += float(line.split()[-1])
+    return total
+
+
+async def _ask_many(
+    url: str, items: list[tuple[str, str]]
+) -> list[tuple[int, dict[str, Any], str]]:
+    """POST (user, text) pairs concurrently; (status, body, X-Cache) for each."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+
+        async def one(user: str, text: str) -> tuple[int, dict[str, Any], str]:
+            body = {"user_id": user, "text": text}
+            async with session.post(url + "/v1/messages", json=body) as resp:
+                return resp.status, await resp.json(), resp.headers.get("X-Cache", "")
+
+        return await asyncio.gather(*(one(u, t) for u, t in items))
+
+
+@pytest.mark.system
+async def test_single_flight_through_nginx_calls_the_upstream_once(stack: Stack) -> None:
+    stack.reset_stub()
+    question = f"what is {unique('star')}?"
+    hits_before = _metric(stack, "bot_cache_lookups_total", 'result="hit"')
+    results = await _ask_many(stack.url, [(unique(), question) for _ in range(50)])
+
+    assert stack.stub_stats()["calls"] == 1
+    assert [s for s, _, _ in results] == [200] * 50
+    assert {b["reply"] for _, b, _ in results} == {f"[1] You asked: {question}"}
+    assert {c for _, _, c in results} <= {"MISS", "HIT"}
+    # The 50 were spread over the replicas (the test is about crossing them).
+    time.sleep(1.2)  # NGINX flushes its access log every second
+    ports = {e["upstream_addr"] for e in stack.access_log() if e["uri"] == "/v1/messages"}
+    assert len(ports) == 3, ports
+
+    again = post(stack.url + "/v1/messages", {"user_id": unique(), "text": question.upper()})
+    assert again.headers["X-Cache"] == "HIT" and again.json()["cached"] is True
+    assert _metric(stack, "bot_cache_lookups_total", 'result="hit"') > hits_before
+    assert stack.stub_stats()["calls"] == 1
+
+
+def _wait_calls(stack: Stack, n: int, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while stack.stub_stats()["calls"] < n:
+        assert time.monotonic() < deadline, "the stub was never called"
+        time.sleep(0.02)
+
+
+# Retries far in the future: only the replicas' own calls reach the stub during a test.
+_QUIET_WORKER = {"BOT_RETRY_BASE_DELAY": "600", "BOT_RATE_LIMIT": "100/second"}
+
+
+@pytest.mark.system
+async def test_lock_holder_killed_mid_call_waiters_still_get_an_answer(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(BOT_UPSTREAM_TIMEOUT="1.5", **_QUIET_WORKER)
+    stack.faults(latency_ms=1000)
+    question = f"who holds {unique('lock')}?"
+
+    holder = asyncio.create_task(_ask_many(stack.replica_url(1), [(unique(), question)]))
+    await asyncio.to_thread(_wait_calls, stack, 1)  # replica 1 holds the lock, mid-call
+    started = time.monotonic()
+    waiters = [
+        asyncio.create_task(_ask_many(stack.replica_url(i), [(unique(), question)] * 4))
+        for i in (2, 3)
+    ]
+    await asyncio.sleep(0.3)
+    stack.kill("bot-1")
+    results = [r for w in waiters for r in await w]
+    elapsed = time.monotonic() - started
+    with pytest.raises(aiohttp.ClientError):
+        await holder
+
+    # One call died with its holder; one waiter took over after the lock lapsed (2.5 s).
+    assert stack.stub_stats()["calls"] == 2
+    assert [s for s, _, _ in results] == [200] * 8
+    assert {b["reply"] for _, b, _ in results} == {f"[2] You asked: {question}"}
+    assert elapsed < 1.5 + 1.0 + 1.5 + 1.0  # lock lapse + takeover call + slack
+
+
+@pytest.mark.system
+def test_upstream_outage_serves_a_stale_copy_without_waiting(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(BOT_CACHE_TTL="1", **_QUIET_WORKER)
+    question = f"is {unique('stale')} still there?"
+    first = post(stack.url + "/v1/messages", {"user_id": unique(), "text": question})
+    assert (first.status_code, first.headers["X-Cache"]) == (200, "MISS")
+    time.sleep(1.1)  # no longer fresh
+    stack.faults(outage=True)
+    stale_before = _metric(stack, "bot_cache_lookups_total", 'result="stale"')
+
+    for _ in range(6):  # through every replica, breaker closed or open
+        started = time.monotonic()
+        r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": question})
+        assert time.monotonic() - started < 0.5  # the timeout is 2 s: nothing waited for it
+        assert (r.status_code, r.headers["X-Cache"]) == (200, "STALE")
+        assert r.json()["cached"] is True and r.json()["reply"] == first.json()["reply"]
+    assert _metric(stack, "bot_cache_lookups_total", 'result="stale"') - stale_before == 6
+    assert stack.stub_stats()["failures"] >= 1  # the outage was real
+
+    never = post(stack.url + "/v1/messages", {"user_id": unique(), "text": unique("new")})
+    assert never.status_code in (202, 503)  # no copy: deferred (queue) or refused
+
+
+@pytest.mark.system
+def test_openai_compatible_upstream_gets_context_as_earlier_messages(
+    make_stack: Callable[..., Stack],
+) -> None:
+    secret = "sk-test-" + unique("key")
+    stack = make_stack(
+        UPSTREAM_KIND="openai",
+        UPSTREAM_MODEL="stub-model",
+        UPSTREAM_API_KEY=secret,
+        **_QUIET_WORKER,
+    )
+    user = unique()
+    first_q, second_q = f"what is {unique('pulsar')}?", f"and {unique('quasar')}?"
+    first = post(stack.url + "/v1/messages", {"user_id": user, "text": first_q})
+    assert first.json()["reply"] == f"[1] You asked: {first_q}"
+    second = post(stack.url + "/v1/messages", {"user_id": user, "text": second_q})
+    assert second.json()["reply"] == f"[2] You asked: {second_q}"
+
+    last = stack.stub_stats()["last"]
+    assert last["model"] == "stub-model"
+    assert last["authorization"] == f"Bearer {secret}"
+    assert last["context"] == [
+        {"role": "user", "content": first_q},
+        {"role": "assistant", "content": first.json()["reply"]},
+    ]
+    # The same faults apply on this route.
+    stack.faults(outage=True)
+    failed = post(stack.url + "/v1/messages", {"user_id": unique(), "text": unique("q")})
+    assert failed.status_code in (202, 503)
+    assert stack.stub_stats()["failures"] >= 1
+    assert all(secret not in stack.logs(f"bot-{i}") for i in (1, 2, 3))
