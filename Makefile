@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SCENARIO ?= steady
 # Debian packages the stack and its tests use (installed when running as root).
 APT_PACKAGES := nginx-light redis-server prometheus prometheus-alertmanager \
-	prometheus-nginx-exporter prometheus-redis-exporter wrk docker-compose
+	prometheus-nginx-exporter prometheus-redis-exporter mtail wrk docker-compose
 
 .PHONY: install system-deps up down status test lint typecheck unit loadtest bench clean
 
