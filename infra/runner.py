@@ -199,10 +199,20 @@ def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list
                     "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
                     "RABBITMQ_LOG_BASE": str(paths.logs),
                     "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                    # Prometheus scrapes it on 15692 (infra/observability.py).
+                    "RABBITMQ_ENABLED_PLUGINS": "rabbitmq_prometheus",
                 },
             )
         )
     return progs
+
+
+@builder
+def observability_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list[Program]:
+    """Prometheus, Alertmanager, the alert sink and the exporters (BOT_OBSERVABILITY)."""
+    from infra import observability  # it imports this module
+
+    return observability.programs(settings, paths)
 
 
 def persistence_warning(settings: Settings) -> str | None:
@@ -340,7 +350,7 @@ def up(settings: Settings, paths: Paths, env: dict[str, str], timeout: float = 9
         )
     print(f"  upstream stub http://127.0.0.1:{settings.stub_port}/admin/stats")
     for p in programs:
-        if p.name in ("prometheus", "alertmanager", "worker"):
+        if p.name in ("prometheus", "alertmanager", "alertsink", "worker"):
             print(f"  {p.name:<12} http://127.0.0.1:{p.port}/")
     return 0
 

@@ -1,0 +1,220 @@
+"""Prometheus, Alertmanager, the local alert sink and the exporters, for the native runner.
+
+`programs()` renders Prometheus's and Alertmanager's configs from their one template each
+into the run directory, writes the file-based service-discovery files (``targets/<job>.json``)
+for `BOT_REPLICAS` replicas, the worker and the exporters, copies the rule files (a test may
+rewrite its copy and send SIGHUP), and returns the processes to supervise. Off with
+``BOT_OBSERVABILITY=false`` (the tests' default: most stacks need none of it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from bot.settings import Settings
+from infra.runner import ROOT, Paths, Program, bot_command, nginx_status_port, render_template
+
+PROMETHEUS_DIR = ROOT / "prometheus"
+ALERTMANAGER_DIR = ROOT / "alertmanager"
+# Port of RabbitMQ's rabbitmq_prometheus plugin (its default; a broker has one).
+RABBITMQ_PROMETHEUS_PORT = 15692
+
+
+def nginx_exporter_port(settings: Settings) -> int:
+    """prometheus-nginx-exporter: beside NGINX's stub_status port, after the replicas' ports."""
+    return settings.metrics_port_base + 95
+
+
+def redis_exporter_port(settings: Settings) -> int:
+    return settings.metrics_port_base + 96
+
+
+def mtail_port(settings: Settings) -> int:
+    """mtail reading NGINX's access log (responses by status and upstream)."""
+    return settings.metrics_port_base + 97
+
+
+def _answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def rabbitmq_metrics_target(settings: Settings) -> str | None:
+    """The broker's rabbitmq_prometheus endpoint, when there is one to scrape.
+
+    A broker the runner starts itself has the plugin enabled (see `data_programs`); a
+    reused one is scraped only when its plugin answers. The bot's own
+    `bot_retry_queue_messages` and `bot_dependency_up` cover RabbitMQ in any case.
+    """
+    amqp = urlparse(settings.amqp_url)
+    host = amqp.hostname or "127.0.0.1"
+    own_broker = not _answers(host, amqp.port or 5672)
+    if own_broker or _answers(host, RABBITMQ_PROMETHEUS_PORT):
+        return f"{host}:{RABBITMQ_PROMETHEUS_PORT}"
+    return None
+
+
+def has_worker() -> bool:
+    """Whether the retry worker exists in this build (`bot worker`), so it is a target."""
+    from bot.cli import build_parser
+
+    return any(
+        "worker" in (getattr(action, "choices", None) or {})
+        for action in build_parser()._actions  # argparse keeps subcommands only here
+    )
+
+
+def scrape_targets(settings: Settings, host: str = "127.0.0.1") -> dict[str, list[dict[str, Any]]]:
+    """File-SD groups per job: what Prometheus scrapes for these settings."""
+
+    def group(port: int, **labels: str) -> dict[str, Any]:
+        return {"targets": [f"{host}:{port}"], "labels": labels}
+
+    rabbitmq = rabbitmq_metrics_target(settings)
+    return {
+        "bot": [
+            group(settings.replica_metrics_port(i), replica=f"bot-{i}")
+            for i in range(1, settings.replicas + 1)
+        ],
+        "worker": [group(settings.worker_metrics_port, replica="worker")] if has_worker() else [],
+        "nginx": [group(nginx_exporter_port(settings))],
+        "nginx-log": [group(mtail_port(settings))],
+        "redis": [group(redis_exporter_port(settings))],
+        "rabbitmq": [{"targets": [rabbitmq], "labels": {}}] if rabbitmq else [],
+        "prometheus": [group(settings.prometheus_port)],
+        "alertmanager": [group(settings.alertmanager_port)],
+    }
+
+
+def _duration(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms"
+
+
+def render_prometheus(
+    settings: Settings, targets_dir: Path, rules_dir: Path, alertmanager: str = ""
+) -> str:
+    """Prometheus's config; `alertmanager` is host:port (compose names its container)."""
+    template = (PROMETHEUS_DIR / "prometheus.yml.template").read_text()
+    return render_template(
+        template,
+        {
+            "scrape_interval": _duration(settings.scrape_interval),
+            "scrape_timeout": _duration(min(settings.scrape_interval, 10.0)),
+            "rules_dir": rules_dir,
+            "targets_dir": targets_dir,
+            "alertmanager": alertmanager or f"127.0.0.1:{settings.alertmanager_port}",
+        },
+    )
+
+
+def render_alertmanager(settings: Settings, sink_url: str) -> str:
+    """Alertmanager's config; its grouping timings scale with the scrape interval.
+
+    At the default 15 s scrape they are Alertmanager's usual 30 s / 5 m; a test scraping
+    every second gets 2 s / 20 s and sees its alert within seconds.
+    """
+    template = (ALERTMANAGER_DIR / "alertmanager.yml.template").read_text()
+    return render_template(
+        template,
+        {
+            "alertsink_url": sink_url,
+            "group_wait": _duration(2 * settings.scrape_interval),
+            "group_interval": _duration(20 * settings.scrape_interval),
+        },
+    )
+
+
+def write_config(settings: Settings, paths: Paths) -> Path:
+    """Render everything Prometheus and Alertmanager read into ``<run>/prometheus``."""
+    base = paths.run / "prometheus"
+    targets, rules = base / "targets", base / "rules"
+    for d in (targets, rules, base / "data", paths.run / "alertmanager"):
+        d.mkdir(parents=True, exist_ok=True)
+    for job, groups in scrape_targets(settings).items():
+        (targets / f"{job}.json").write_text(json.dumps(groups, indent=2) + "\n")
+    for rule_file in (PROMETHEUS_DIR / "rules").glob("*.yml"):
+        shutil.copyfile(rule_file, rules / rule_file.name)
+    (base / "prometheus.yml").write_text(render_prometheus(settings, targets, rules))
+    sink = f"http://127.0.0.1:{settings.alertsink_port}/alerts"
+    (paths.run / "alertmanager" / "alertmanager.yml").write_text(
+        render_alertmanager(settings, sink)
+    )
+    return base
+
+
+def _exe(name: str) -> str:
+    return shutil.which(name) or f"/usr/bin/{name}"
+
+
+def programs(settings: Settings, paths: Paths) -> list[Program]:
+    """The observability processes for these settings (none when it is switched off)."""
+    if not settings.observability:
+        return []
+    base = write_config(settings, paths)
+    (paths.logs / "nginx-access.log").touch()  # mtail follows only files present at its start
+    am_dir = paths.run / "alertmanager"
+    redis = urlparse(settings.redis_url)
+    redis_addr = f"redis://{redis.hostname or '127.0.0.1'}:{redis.port or 6379}"
+    nginx_port, redis_port, log_port = (
+        nginx_exporter_port(settings),
+        redis_exporter_port(settings),
+        mtail_port(settings),
+    )
+    return [
+        Program(
+            "prometheus",
+            f"{_exe('prometheus')} --config.file={base / 'prometheus.yml'} "
+            f"--storage.tsdb.path={base / 'data'} --storage.tsdb.retention.time=15d "
+            f"--web.listen-address=127.0.0.1:{settings.prometheus_port} --web.enable-lifecycle",
+            settings.prometheus_port,
+            priority=950,
+            ready_url=f"http://127.0.0.1:{settings.prometheus_port}/-/ready",
+        ),
+        Program(
+            "alertmanager",
+            f"{_exe('prometheus-alertmanager')} --config.file={am_dir / 'alertmanager.yml'} "
+            f"--storage.path={am_dir} --cluster.listen-address= "
+            f"--web.listen-address=127.0.0.1:{settings.alertmanager_port}",
+            settings.alertmanager_port,
+            priority=940,
+            ready_url=f"http://127.0.0.1:{settings.alertmanager_port}/-/ready",
+        ),
+        Program(
+            "alertsink",
+            bot_command("alertsink"),
+            settings.alertsink_port,
+            priority=930,
+            ready_url=f"http://127.0.0.1:{settings.alertsink_port}/healthz",
+        ),
+        Program(
+            "nginx-exporter",
+            f"{_exe('prometheus-nginx-exporter')} "
+            f"-nginx.scrape-uri=http://127.0.0.1:{nginx_status_port(settings)}/stub_status "
+            f"-web.listen-address=127.0.0.1:{nginx_port}",
+            nginx_port,
+            priority=950,
+        ),
+        Program(
+            "redis-exporter",
+            f"{_exe('prometheus-redis-exporter')} -redis.addr={redis_addr} "
+            f"-web.listen-address=127.0.0.1:{redis_port}",
+            redis_port,
+            priority=950,
+        ),
+        Program(
+            "nginx-log",
+            f"{_exe('mtail')} -progs {PROMETHEUS_DIR / 'mtail'} "
+            f"-logs {paths.logs / 'nginx-access.log'} -emit_prog_label=false "
+            f"-address 127.0.0.1 -port {log_port} -logtostderr",
+            log_port,
+            priority=950,
+        ),
+    ]
