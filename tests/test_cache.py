@@ -222,15 +222,20 @@ def _wait_calls(stack: Stack, n: int, timeout: float = 5) -> None:
         time.sleep(0.02)
 
 
-# Retries far in the future: only the replicas' own calls reach the stub during a test.
-_QUIET_WORKER = {"BOT_RETRY_BASE_DELAY": "600", "BOT_RATE_LIMIT": "100/second"}
+_LIMITS = {"BOT_RATE_LIMIT": "100/second"}
+
+
+def quiet(stack: Stack) -> Stack:
+    """Stop the retry worker (if the stack has one): only the replicas' calls reach the stub."""
+    stack.ctl("stop", "worker")
+    return stack
 
 
 @pytest.mark.system
 async def test_lock_holder_killed_mid_call_waiters_still_get_an_answer(
     make_stack: Callable[..., Stack],
 ) -> None:
-    stack = make_stack(BOT_UPSTREAM_TIMEOUT="1.5", **_QUIET_WORKER)
+    stack = quiet(make_stack(BOT_UPSTREAM_TIMEOUT="1.5", **_LIMITS))
     stack.faults(latency_ms=1000)
     question = f"who holds {unique('lock')}?"
 
@@ -259,7 +264,7 @@ async def test_lock_holder_killed_mid_call_waiters_still_get_an_answer(
 def test_upstream_outage_serves_a_stale_copy_without_waiting(
     make_stack: Callable[..., Stack],
 ) -> None:
-    stack = make_stack(BOT_CACHE_TTL="1", **_QUIET_WORKER)
+    stack = quiet(make_stack(BOT_CACHE_TTL="1", **_LIMITS))
     question = f"is {unique('stale')} still there?"
     first = post(stack.url + "/v1/messages", {"user_id": unique(), "text": question})
     assert (first.status_code, first.headers["X-Cache"]) == (200, "MISS")
@@ -285,11 +290,13 @@ def test_openai_compatible_upstream_gets_context_as_earlier_messages(
     make_stack: Callable[..., Stack],
 ) -> None:
     secret = "sk-test-" + unique("key")
-    stack = make_stack(
-        UPSTREAM_KIND="openai",
-        UPSTREAM_MODEL="stub-model",
-        UPSTREAM_API_KEY=secret,
-        **_QUIET_WORKER,
+    stack = quiet(
+        make_stack(
+            UPSTREAM_KIND="openai",
+            UPSTREAM_MODEL="stub-model",
+            UPSTREAM_API_KEY=secret,
+            **_LIMITS,
+        )
     )
     user = unique()
     first_q, second_q = f"what is {unique('pulsar')}?", f"and {unique('quasar')}?"
