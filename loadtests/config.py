@@ -1,0 +1,184 @@
+"""Load-test settings: the stack's own settings plus ``LOAD_*`` knobs, read once.
+
+The target comes from the same settings `make up` uses (`BOT_PUBLIC_PORT`, `BOT_STUB_PORT`,
+`BOT_PROMETHEUS_PORT`...), so pointing a load test at a private stack is a matter of
+exporting its ports. Every target is on 127.0.0.1: anything else is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlparse
+
+from bot.settings import Settings, load_settings, merged_environ
+
+SCENARIOS = ("steady", "spike", "ramp", "abuse", "outage", "soak")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ConfigError(ValueError):
+    """A load-test setting has a value we cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Objectives:
+    """What a scenario promises; each becomes one pass/fail check of the verdict."""
+
+    p99_ms: float = 1500.0  # p99 of answered requests (inbox long-polls excluded)
+    max_shed_share: float = 0.01  # 503 `overloaded` answers, as a share of all requests
+    max_no_json: int = 0  # requests without a JSON answer (connection errors, HTML, timeouts)
+    max_other_5xx: int = 0  # any 5xx that is not an `overloaded` shed with Retry-After
+    max_normal_limited: int = 0  # 429s seen by well-behaved users
+    min_abuse_limited: int = 1  # abuse: the spammers must actually be limited
+    exactly_once: bool = False  # outage: every 202'd message delivered exactly once
+    min_queued: int = 0  # outage: the outage must actually have queued messages
+    max_mem_growth_mb: float = 25.0  # soak: growth of a process's RSS after warm-up...
+    max_mem_growth_share: float = 0.2  # ...and relative to its size (both must be exceeded)
+    min_knee_rps: float = 0.0  # ramp: the knee must be at least this many answers/s
+
+
+@dataclass(frozen=True, slots=True)
+class LoadConfig:
+    """Everything a scenario run needs, from the environment, then `.env`, then defaults."""
+
+    scenario: str
+    stack: Settings
+    target: str  # NGINX, e.g. http://127.0.0.1:8080
+    stub: str  # the upstream stub's admin API
+    prometheus: str
+    api_key: str
+    users: int  # users in steady state (baseline of spike/ramp)
+    spawn_rate: float
+    duration: float  # seconds of the main phase (steady, abuse, outage, soak)
+    user_interval: float  # seconds between two messages of one user (constant pacing)
+    spike_factor: float
+    spike_baseline: float
+    spike_rise: float
+    spike_hold: float
+    spike_recovery: float
+    ramp_step_users: int
+    ramp_step_seconds: float
+    ramp_max_users: int
+    ramp_user_interval: float
+    abusers: int
+    abuser_rate: float  # messages/s of one abusive user
+    outage_start: float
+    outage_length: float
+    delivery_timeout: float  # outage: how long to wait for deferred replies after the run
+    mem_interval: float  # seconds between two memory samples
+    questions: int  # size of the question pool (Zipf-like popularity)
+    zipf_s: float
+    unique_question_share: float  # long tail: questions nobody asked before
+    processes: int  # locust processes (1 = local runner; >1 = master + workers)
+    timeout: float  # client timeout of one request
+    report_root: str
+    objectives: Objectives = field(default_factory=Objectives)
+
+    def public(self) -> dict[str, Any]:
+        """The settings worth printing in a report (no secrets)."""
+        out = {
+            k: getattr(self, k)
+            for k in self.__slots__
+            if k not in ("stack", "api_key", "objectives")
+        }
+        out["objectives"] = {k: getattr(self.objectives, k) for k in self.objectives.__slots__}
+        return out
+
+
+# Per-scenario defaults that fit a 2-core machine shared with the stack it loads.
+_SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "steady": {"duration": 60.0, "objectives": {"p99_ms": 1500.0}},
+    "spike": {"users": 20, "objectives": {"p99_ms": 3000.0, "max_shed_share": 0.05}},
+    "ramp": {"users": 20, "objectives": {"p99_ms": 1500.0, "min_knee_rps": 20.0}},
+    "abuse": {"duration": 60.0, "objectives": {"p99_ms": 1500.0}},
+    "outage": {
+        "duration": 60.0,
+        "objectives": {"p99_ms": 2500.0, "exactly_once": True, "min_queued": 1},
+    },
+    "soak": {"duration": 600.0, "objectives": {"p99_ms": 1500.0}},
+}
+
+_OBJECTIVE_ENV = {
+    "LOAD_P99_MS": "p99_ms",
+    "LOAD_MAX_SHED_SHARE": "max_shed_share",
+    "LOAD_MAX_NO_JSON": "max_no_json",
+    "LOAD_MAX_OTHER_5XX": "max_other_5xx",
+    "LOAD_MAX_NORMAL_LIMITED": "max_normal_limited",
+    "LOAD_SOAK_MAX_GROWTH_MB": "max_mem_growth_mb",
+    "LOAD_SOAK_MAX_GROWTH_SHARE": "max_mem_growth_share",
+    "LOAD_RAMP_MIN_RPS": "min_knee_rps",
+}
+
+
+def _loopback(url: str, name: str) -> str:
+    host = urlparse(url).hostname or ""
+    if host not in LOOPBACK:
+        raise ConfigError(f"{name}={url!r}: load is only ever sent to 127.0.0.1")
+    return url.rstrip("/")
+
+
+def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> LoadConfig:
+    """Build the configuration of one scenario run."""
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
+    env = merged_environ(environ)
+    stack = load_settings(env)
+    defaults = _SCENARIO_DEFAULTS[scenario]
+
+    def get(name: str, parse: Callable[[str], Any], default: Any) -> Any:
+        raw = env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"invalid setting {name}={raw!r}: {exc}") from None
+
+    objectives = Objectives(**defaults.get("objectives", {}))
+    for var, attr in _OBJECTIVE_ENV.items():
+        kind = type(getattr(objectives, attr))
+        objectives = replace(objectives, **{attr: get(var, kind, getattr(objectives, attr))})
+
+    api_keys = stack.api_keys
+    return LoadConfig(
+        scenario=scenario,
+        stack=stack,
+        target=_loopback(
+            get("LOAD_TARGET_URL", str, f"http://127.0.0.1:{stack.public_port}"),
+            "LOAD_TARGET_URL",
+        ),
+        stub=_loopback(f"http://127.0.0.1:{stack.stub_port}", "BOT_STUB_PORT"),
+        prometheus=_loopback(
+            get("LOAD_PROMETHEUS_URL", str, f"http://127.0.0.1:{stack.prometheus_port}"),
+            "LOAD_PROMETHEUS_URL",
+        ),
+        api_key=get("LOAD_API_KEY", str, api_keys[0] if api_keys else ""),
+        users=get("LOAD_USERS", int, defaults.get("users", 30)),
+        spawn_rate=get("LOAD_SPAWN_RATE", float, 10.0),
+        duration=get("LOAD_DURATION", float, defaults.get("duration", 60.0)),
+        user_interval=get("LOAD_USER_INTERVAL", float, 3.0),
+        spike_factor=get("LOAD_SPIKE_FACTOR", float, 10.0),
+        spike_baseline=get("LOAD_SPIKE_BASELINE", float, 20.0),
+        spike_rise=get("LOAD_SPIKE_RISE", float, 10.0),
+        spike_hold=get("LOAD_SPIKE_HOLD", float, 30.0),
+        spike_recovery=get("LOAD_SPIKE_RECOVERY", float, 20.0),
+        ramp_step_users=get("LOAD_RAMP_STEP_USERS", int, 20),
+        ramp_step_seconds=get("LOAD_RAMP_STEP_SECONDS", float, 15.0),
+        ramp_max_users=get("LOAD_RAMP_MAX_USERS", int, 300),
+        ramp_user_interval=get("LOAD_RAMP_USER_INTERVAL", float, 0.5),
+        abusers=get("LOAD_ABUSERS", int, 3),
+        abuser_rate=get("LOAD_ABUSER_RATE", float, 10.0),
+        outage_start=get("LOAD_OUTAGE_START", float, 20.0),
+        outage_length=get("LOAD_OUTAGE_LENGTH", float, 20.0),
+        delivery_timeout=get("LOAD_DELIVERY_TIMEOUT", float, 120.0),
+        mem_interval=get("LOAD_MEM_INTERVAL", float, 5.0),
+        questions=get("LOAD_QUESTIONS", int, 200),
+        zipf_s=get("LOAD_ZIPF_S", float, 1.1),
+        unique_question_share=get("LOAD_UNIQUE_QUESTION_SHARE", float, 0.1),
+        processes=get("LOAD_PROCESSES", int, 1),
+        timeout=get("LOAD_TIMEOUT", float, 30.0),
+        report_root=get("LOAD_REPORT_DIR", str, "reports"),
+        objectives=objectives,
+    )

@@ -1,0 +1,128 @@
+"""Scenario plans: how many users at which second, and the phase each second belongs to.
+
+Plain objects (no locust import) so they are unit-testable; the locustfile wraps the chosen
+one in its single `LoadTestShape`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loadtests.config import LoadConfig
+
+
+@dataclass(frozen=True)
+class Step:
+    users: int  # normal users
+    spawn_rate: float
+    phase: str
+    abusers: int = 0
+    outage: bool | None = None  # set the stub's outage fault to this on entering the phase
+
+
+class Plan:
+    """A scenario's timeline; `at(t)` is None once it is over."""
+
+    def __init__(self, cfg: LoadConfig) -> None:
+        self.cfg = cfg
+
+    def at(self, t: float) -> Step | None:
+        raise NotImplementedError
+
+    @property
+    def length(self) -> float:
+        """Seconds the plan runs at most."""
+        return self.cfg.duration
+
+
+class Steady(Plan):
+    """`users` for `duration` seconds (also the soak: just longer)."""
+
+    def at(self, t: float) -> Step | None:
+        if t >= self.cfg.duration:
+            return None
+        return Step(self.cfg.users, self.cfg.spawn_rate, "run")
+
+
+class Spike(Plan):
+    """Baseline, then `spike_factor` times the users within `spike_rise`, held, then back."""
+
+    def at(self, t: float) -> Step | None:
+        c = self.cfg
+        base = c.users
+        peak = max(base + 1, round(base * c.spike_factor))
+        rise_rate = (peak - base) / max(1.0, c.spike_rise)
+        t1 = c.spike_baseline
+        t2 = t1 + c.spike_rise
+        t3 = t2 + c.spike_hold
+        t4 = t3 + c.spike_recovery
+        if t < t1:
+            return Step(base, c.spawn_rate, "baseline")
+        if t < t2:
+            return Step(peak, rise_rate, "rise")
+        if t < t3:
+            return Step(peak, rise_rate, "hold")
+        if t < t4:
+            return Step(base, max(rise_rate, 100.0), "recovery")
+        return None
+
+    @property
+    def length(self) -> float:
+        c = self.cfg
+        return c.spike_baseline + c.spike_rise + c.spike_hold + c.spike_recovery
+
+
+class Ramp(Plan):
+    """Step up by `ramp_step_users` every `ramp_step_seconds` until `ramp_max_users`."""
+
+    def at(self, t: float) -> Step | None:
+        c = self.cfg
+        n = int(t // c.ramp_step_seconds) + 1
+        users = c.users + (n - 1) * c.ramp_step_users
+        if users > c.ramp_max_users:
+            return None
+        rate = max(c.spawn_rate, c.ramp_step_users / 2)
+        return Step(users, rate, f"step-{n}")
+
+    @property
+    def length(self) -> float:
+        c = self.cfg
+        steps = (c.ramp_max_users - c.users) // max(1, c.ramp_step_users) + 1
+        return steps * c.ramp_step_seconds
+
+
+class Abuse(Plan):
+    """Normal users beside `abusers` spammers, each far beyond its rate limit."""
+
+    def at(self, t: float) -> Step | None:
+        if t >= self.cfg.duration:
+            return None
+        return Step(self.cfg.users, self.cfg.spawn_rate, "run", abusers=self.cfg.abusers)
+
+
+class Outage(Plan):
+    """The upstream stub fails completely from `outage_start` for `outage_length` seconds."""
+
+    def at(self, t: float) -> Step | None:
+        c = self.cfg
+        if t >= c.duration:
+            return None
+        if t < c.outage_start:
+            return Step(c.users, c.spawn_rate, "before", outage=False)
+        if t < c.outage_start + c.outage_length:
+            return Step(c.users, c.spawn_rate, "outage", outage=True)
+        return Step(c.users, c.spawn_rate, "after", outage=False)
+
+
+PLANS: dict[str, type[Plan]] = {
+    "steady": Steady,
+    "soak": Steady,
+    "spike": Spike,
+    "ramp": Ramp,
+    "abuse": Abuse,
+    "outage": Outage,
+}
+
+
+def plan_for(cfg: LoadConfig) -> Plan:
+    return PLANS[cfg.scenario](cfg)

@@ -1,0 +1,261 @@
+"""Verdicts: a scenario's objectives checked against what its run saw.
+
+Pure functions of a `Tally` (and the post-run findings: inboxes, memory), so a saved run
+can be judged again with other objectives (`python -m loadtests.run --judge DIR`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from loadtests.config import Objectives
+from loadtests.tally import Tally, percentile
+
+# Outcome names the users record (see loadtests/locustfile.py).
+REQUESTS = "requests"  # every request, inbox polls included
+ANSWERED = "answered"  # a JSON answer came back
+NO_JSON = "no_json"  # connection error, timeout, or a body that is not JSON
+SHED = "shed"  # 503 `overloaded` with Retry-After
+OTHER_5XX = "other_5xx"
+BAD_4XX = "bad_4xx"  # a 4xx to a valid request that is not a rate limit
+LIMITED_NORMAL = "limited_normal"
+LIMITED_ABUSE = "limited_abuse"
+ABUSE_REQUESTS = "abuse_requests"
+QUEUED = "queued"
+REPLIED = "replied"
+QUESTIONS = "questions"  # questions answered 200
+CACHED = "cached"  # ... of which from the cache
+POLLS = "polls"
+DELIVERED_SEEN = "delivered_seen"
+DELIVERED_DUP = "delivered_dup"
+
+
+@dataclass
+class Check:
+    name: str
+    objective: str
+    actual: Any
+    passed: bool
+
+
+@dataclass
+class Verdict:
+    scenario: str
+    passed: bool
+    checks: list[Check]
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def phase_figures(tally: Tally, phase: str) -> dict[str, Any]:
+    """Requests, answers per second and latency of one phase."""
+    secs = tally.phase_seconds(phase)
+    hist = tally.hist([phase])
+    n = tally.total(REQUESTS, [phase])
+    answered = tally.total(ANSWERED, [phase])
+    return {
+        "seconds": round(secs, 1),
+        "requests": n,
+        "rps": round(n / secs, 1) if secs else 0.0,
+        "answered_rps": round(answered / secs, 1) if secs else 0.0,
+        "p50_ms": percentile(hist, 0.50),
+        "p99_ms": percentile(hist, 0.99),
+        "shed": tally.total(SHED, [phase]),
+        "other_5xx": tally.total(OTHER_5XX, [phase]),
+        "no_json": tally.total(NO_JSON, [phase]),
+        "limited_normal": tally.total(LIMITED_NORMAL, [phase]),
+        "users": tally.notes.get("phase_users", {}).get(phase),
+    }
+
+
+def phase_ok(tally: Tally, phase: str, obj: Objectives) -> bool:
+    """Did one phase meet the latency and error objectives (the ramp's step test)."""
+    f = phase_figures(tally, phase)
+    n = max(1, f["requests"])
+    return bool(
+        f["p99_ms"] <= obj.p99_ms
+        and f["shed"] / n <= obj.max_shed_share
+        and f["other_5xx"] <= obj.max_other_5xx
+        and f["no_json"] <= obj.max_no_json
+    )
+
+
+def knee(tally: Tally, obj: Objectives) -> dict[str, Any]:
+    """The last ramp step (in order) that met the objectives, and the first that did not."""
+    steps = sorted((p for p in tally.phases if p.startswith("step-")), key=_step_no)
+    last_ok: str | None = None
+    broke: str | None = None
+    for step in steps:
+        if phase_ok(tally, step, obj):
+            last_ok = step
+        else:
+            broke = step
+            break
+    out: dict[str, Any] = {"knee_phase": last_ok, "broke_at": broke, "reached_end": broke is None}
+    if last_ok:
+        f = phase_figures(tally, last_ok)
+        out.update(knee_users=f["users"], knee_rps=f["answered_rps"], knee_p99_ms=f["p99_ms"])
+    else:
+        out.update(knee_users=0, knee_rps=0.0, knee_p99_ms=None)
+    return out
+
+
+def _step_no(phase: str) -> int:
+    try:
+        return int(phase.split("-")[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def memory_growth(samples: dict[str, list[list[float]]]) -> dict[str, dict[str, float]]:
+    """Per process: RSS (MB) after warm-up, at the end, and the growth in between.
+
+    The first fifth of the samples is warm-up (imports, pools, caches filling); the start and
+    end values are means of the next and the last quarter, so one GC pause does not decide.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name, points in samples.items():
+        rss = [mb for _, mb in points]
+        if len(rss) < 5:
+            continue
+        body = rss[len(rss) // 5 :]
+        q = max(1, len(body) // 4)
+        start = sum(body[:q]) / q
+        end = sum(body[-q:]) / q
+        half = body[len(body) // 2 :]
+        out[name] = {
+            "start_mb": round(start, 1),
+            "end_mb": round(end, 1),
+            "peak_mb": round(max(rss), 1),
+            "growth_mb": round(end - start, 1),
+            "still_growing": float(half[-1] > half[0] and end > start),
+        }
+    return out
+
+
+def evaluate(
+    scenario: str, tally: Tally, obj: Objectives, findings: dict[str, Any] | None = None
+) -> Verdict:
+    """Check every objective that applies to `scenario`."""
+    findings = findings or {}
+    checks: list[Check] = []
+
+    def check(name: str, objective: str, actual: Any, passed: bool) -> None:
+        checks.append(Check(name, objective, actual, bool(passed)))
+
+    phases: list[str] | None = None
+    ramp: dict[str, Any] = {}
+    if scenario == "ramp":
+        ramp = knee(tally, obj)
+        steps = sorted((p for p in tally.phases if p.startswith("step-")), key=_step_no)
+        last = ramp["knee_phase"]
+        # Latency and sheds are judged up to the knee: past it they break by design.
+        phases = steps[: steps.index(last) + 1] if last else []
+    requests = tally.total(REQUESTS)
+    scoped = max(1, tally.total(REQUESTS, phases))
+    hist = tally.hist(phases)
+    p99 = percentile(hist, 0.99)
+
+    check(
+        "answered",
+        "every request gets a JSON answer",
+        tally.total(NO_JSON),
+        tally.total(NO_JSON) <= obj.max_no_json,
+    )
+    check(
+        "no_unexpected_5xx",
+        "no 5xx other than `overloaded` sheds with Retry-After",
+        tally.total(OTHER_5XX),
+        tally.total(OTHER_5XX) <= obj.max_other_5xx,
+    )
+    shed_share = tally.total(SHED, phases) / scoped
+    check(
+        "shed_share",
+        f"sheds <= {obj.max_shed_share:.1%} of requests",
+        f"{shed_share:.2%}",
+        shed_share <= obj.max_shed_share,
+    )
+    check(
+        "p99",
+        f"p99 of answers <= {obj.p99_ms:.0f} ms",
+        f"{p99:.0f} ms",
+        p99 <= obj.p99_ms and bool(hist),
+    )
+    check(
+        "no_bad_4xx",
+        "no 4xx to a valid request other than a rate limit",
+        tally.total(BAD_4XX),
+        tally.total(BAD_4XX) == 0,
+    )
+    check(
+        "normal_users_not_limited",
+        f"well-behaved users limited <= {obj.max_normal_limited} times",
+        tally.total(LIMITED_NORMAL),
+        tally.total(LIMITED_NORMAL) <= obj.max_normal_limited,
+    )
+    if scenario == "abuse":
+        n = tally.total(LIMITED_ABUSE)
+        check("abusers_limited", "the spammers are rate limited", n, n >= obj.min_abuse_limited)
+    if scenario == "ramp":
+        check(
+            "knee",
+            f"the knee is at >= {obj.min_knee_rps:.0f} answers/s",
+            f"{ramp['knee_rps']} answers/s ({ramp['knee_users']} users)",
+            ramp["knee_rps"] >= obj.min_knee_rps,
+        )
+    if obj.min_queued:
+        n = tally.total(QUEUED)
+        check("outage_queued", f">= {obj.min_queued} messages queued (202)", n, n >= obj.min_queued)
+    if obj.exactly_once:
+        inbox = findings.get("inbox") or {}
+        missing = len(inbox.get("missing", []))
+        dup = len(inbox.get("duplicated", [])) + tally.total(DELIVERED_DUP)
+        check(
+            "exactly_once",
+            "every 202'd message delivered exactly once",
+            f"{inbox.get('delivered', 0)}/{inbox.get('queued', 0)} delivered, "
+            f"{missing} missing, {dup} duplicated",
+            bool(inbox) and missing == 0 and dup == 0,
+        )
+    if scenario == "soak":
+        growth = memory_growth(findings.get("memory", {}))
+        bad = {
+            name: g["growth_mb"]
+            for name, g in growth.items()
+            if g["growth_mb"] > obj.max_mem_growth_mb
+            and g["growth_mb"] > obj.max_mem_growth_share * g["start_mb"]
+            and g["still_growing"]
+        }
+        check(
+            "memory_bounded",
+            f"no process grows > {obj.max_mem_growth_mb:.0f} MB and "
+            f"> {obj.max_mem_growth_share:.0%} after warm-up, still growing",
+            bad or f"{len(growth)} processes flat",
+            bool(growth) and not bad,
+        )
+
+    figures: dict[str, Any] = {
+        "requests": requests,
+        "answered": tally.total(ANSWERED),
+        "p50_ms": percentile(tally.hist(), 0.50),
+        "p99_ms": percentile(tally.hist(), 0.99),
+        "shed": tally.total(SHED),
+        "other_5xx": tally.total(OTHER_5XX),
+        "no_json": tally.total(NO_JSON),
+        "limited_normal": tally.total(LIMITED_NORMAL),
+        "limited_abuse": tally.total(LIMITED_ABUSE),
+        "abuse_requests": tally.total(ABUSE_REQUESTS),
+        "queued": tally.total(QUEUED),
+        "questions": tally.total(QUESTIONS),
+        "cache_hit_ratio": round(tally.total(CACHED) / max(1, tally.total(QUESTIONS)), 3),
+        "polls": tally.total(POLLS),
+        "phases": {p: phase_figures(tally, p) for p in tally.phases},
+    }
+    if ramp:
+        figures["ramp"] = ramp
+    if scenario == "soak" or findings.get("memory"):
+        figures["memory"] = memory_growth(findings.get("memory", {}))
+    return Verdict(scenario, all(c.passed for c in checks), checks, figures)
