@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.api import health, messages, middleware
+from bot.api import health, messages, middleware, replies
 from bot.api.keys import (
     HTTP,
     READINESS,
@@ -25,8 +25,12 @@ from bot.api.keys import (
     UPSTREAM_PROBE,
 )
 from bot.core.service import BotService
+from bot.inbox import Inbox
 from bot.logging import get_logger
 from bot.ratelimit import LocalLimiter, Policy
+from bot.retries.broker import Broker
+from bot.retries.outbox import Outbox, Relay
+from bot.retries.publisher import RetryQueue
 from bot.settings import Settings
 from bot.store import Store
 from bot.upstream import build_answerer, probe
@@ -44,10 +48,11 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[STATE] = {"draining": False, "inflight": 0}
     app[READINESS] = []
-    app.cleanup_ctx.extend([redis_ctx, http_ctx, service_ctx, dependency_watch_ctx])
+    app.cleanup_ctx.extend([redis_ctx, http_ctx, service_ctx, retries_ctx, dependency_watch_ctx])
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_post("/v1/messages", messages.post_message)
+    app.router.add_get("/v1/users/{user_id}/replies", replies.get_replies)
     return app
 
 
@@ -134,6 +139,27 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("api_keys_unset", hint="set BOT_API_KEYS: /v1/* is open to anyone")
     metrics.init()
     yield
+
+
+async def retries_ctx(app: web.Application) -> AsyncIterator[None]:
+    """RabbitMQ (connecting in the background), the outbox relay, and the service's deferrer.
+
+    The replica starts and serves commands while RabbitMQ is down: jobs go to the outbox then.
+    """
+    settings = app[SETTINGS]
+    broker = Broker(settings, f"bot-replica-{settings.queue_prefix}")
+    outbox = Outbox(app[REDIS], settings.queue_prefix)
+    service = app[SERVICE]
+    service.inbox = Inbox(app[REDIS])
+    service.deferrer = RetryQueue(settings, broker, outbox, app[REDIS])
+    app[READINESS].append(("rabbitmq", broker.ready))
+    await broker.start()
+    relay = asyncio.create_task(Relay(outbox, broker).run())
+    yield
+    relay.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await relay
+    await broker.close()
 
 
 async def dependency_watch_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -31,6 +31,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    settings = _settings()
+    bot_logging.configure(
+        settings.log_format, settings.log_level, settings.secrets, service="worker"
+    )
+    from bot.serve_worker import serve_worker
+
+    serve_worker(settings, args.metrics_port or settings.worker_metrics_port, host=args.host)
+    return 0
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    from bot.retries import dlq
+
+    return dlq.run(_settings(), args)
+
+
 def _stub(args: argparse.Namespace) -> int:
     settings = _settings()
     from infra.stub import run
@@ -77,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="override the metrics port")
     serve.add_argument("--host", default="127.0.0.1")
     serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="run the retry worker (answers queued jobs)")
+    worker.add_argument("--metrics-port", type=int, help="override BOT_WORKER_METRICS_PORT")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.set_defaults(func=_worker)
+
+    from bot.retries.dlq import add_parser as add_dlq_parser
+
+    add_dlq_parser(sub, _dlq)
 
     stub = sub.add_parser("stub", help="run the upstream stub (a fake external API)")
     stub.add_argument("--port", type=int, help="override BOT_STUB_PORT")

@@ -78,6 +78,7 @@ class Settings:
     retry_max_attempts: int = 8
     retry_base_delay: float = 1.0
     retry_max_delay: float = 300.0
+    retry_prefetch: int = 16  # jobs the worker holds unacked at once (its concurrency)
     queue_prefix: str = "bot"
     log_format: str = "json"
     log_level: str = "info"
@@ -207,6 +208,7 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_RETRY_MAX_ATTEMPTS": ("retry_max_attempts", _int(1, 100)),
     "BOT_RETRY_BASE_DELAY": ("retry_base_delay", _float(0.01, 3600)),
     "BOT_RETRY_MAX_DELAY": ("retry_max_delay", _float(0.01, 86400)),
+    "BOT_RETRY_PREFETCH": ("retry_prefetch", _int(1, 1000)),
     "BOT_QUEUE_PREFIX": ("queue_prefix", _queue_prefix),
     "LOG_FORMAT": ("log_format", _choice("json", "console")),
     "LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),

@@ -152,6 +152,22 @@ def core_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list
     return progs
 
 
+@builder
+def worker_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list[Program]:
+    """The retry worker (bot/retries): answers queued jobs; /metrics on its own port."""
+    port = settings.worker_metrics_port
+    return [
+        Program(
+            "worker",
+            bot_command("worker"),
+            port,
+            # SIGTERM lets in-flight jobs finish within the drain timeout, then requeues.
+            stopwaitsecs=int(settings.drain_timeout) + 5,
+            ready_url=f"http://127.0.0.1:{port}/metrics",
+        )
+    ]
+
+
 def _answers(host: str, port: int, timeout: float = 1.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

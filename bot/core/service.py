@@ -13,6 +13,7 @@ from bot import metrics
 from bot.core import commands
 from bot.core.validation import Message, check_pref_key, check_pref_value
 from bot.errors import BadRequest, RateLimited, Unavailable, UpstreamUnavailable
+from bot.inbox import Inbox
 from bot.logging import get_logger
 from bot.ratelimit import LocalLimiter, Policy, RateState
 from bot.store import Admission, Store, TooManyPrefs
@@ -65,6 +66,7 @@ class BotService:
         local_limiter: LocalLimiter,
         *,
         deferrer: Deferrer | None = None,
+        inbox: Inbox | None = None,
         wait_timeout: float = 10.0,
         limit: bool = True,
     ) -> None:
@@ -73,6 +75,7 @@ class BotService:
         self.policy = policy
         self.local = local_limiter
         self.deferrer = deferrer
+        self.inbox = inbox  # where deferred replies land; replays of a 202 look there
         self.wait_timeout = wait_timeout
         self.limit = limit
 
@@ -89,12 +92,12 @@ class BotService:
             # take over.
             record = await self.store.wait_record(msg.user_id, msg.message_id, deadline)
             if record is not None:
-                return self._replay(record)
+                return await self._replay(msg, record)
             if time.monotonic() >= deadline:
                 raise Unavailable("the same message is still being processed", 1, code="busy")
         if adm.kind == "done":
             assert adm.record is not None
-            replay = self._replay(adm.record)
+            replay = await self._replay(msg, adm.record)
             replay.rate = adm.rate
             return replay
         if adm.kind == "limited":
@@ -133,8 +136,16 @@ class BotService:
                 return Admission("limited", rate=state)
             return Admission("ok", rate=state)
 
-    def _replay(self, record: dict[str, Any]) -> Outcome:
+    async def _replay(self, msg: Message, record: dict[str, Any]) -> Outcome:
         metrics.MESSAGES.labels(outcome="duplicate").inc()
+        if record["status"] == 202 and self.inbox is not None:
+            # Once the deferred reply exists, the replay returns it instead of "queued".
+            try:
+                seen = await self.inbox.delivered(msg.user_id, msg.message_id)
+            except RedisError:
+                seen = None
+            if seen is not None and seen["k"] == "answer":
+                return Outcome(200, self._replied(msg, seen["r"], cached=False).body, True)
         return Outcome(record["status"], record["body"], replayed=True)
 
     async def _release(self, msg: Message, token: str) -> None:

@@ -1,0 +1,113 @@
+"""Deferred replies: each user's inbox in Redis, one reply per message id.
+
+A Redis stream per user keeps the replies in order and gives cursors for free (entry ids);
+a hash beside it records what was delivered per message id, and one Lua script checks and
+appends atomically, so a worker that dies between storing a reply and acking its job (and
+redelivers it) cannot deliver twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.resources import files
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from bot.store import user_key
+
+INBOX_TTL = 7 * 86400  # undelivered replies are kept a week after the last one arrived
+MAX_ENTRIES = 1000
+PAGE = 100
+MAX_WAIT = 30.0
+# XREAD BLOCK in slices below the Redis client's 1 s socket timeout.
+_BLOCK_SLICE_MS = 700
+CURSOR_RE = re.compile(r"0|\d{1,20}-\d{1,20}")
+APOLOGY = (
+    "Sorry, I could not get an answer to your message in time. Please ask again in a little while."
+)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    message_id: str
+    reply: str
+    at: str
+    kind: str  # answer | apology
+    cursor: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"message_id": self.message_id, "reply": self.reply, "at": self.at}
+
+
+class Inbox:
+    """Per-user deferred replies in Redis."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._deliver = redis.register_script(files("bot").joinpath("inbox.lua").read_text())
+
+    @staticmethod
+    def _keys(user_id: str) -> list[str]:
+        return [user_key(user_id, "inbox"), user_key(user_id, "inbox:ids")]
+
+    async def deliver(
+        self, user_id: str, message_id: str, reply: str, kind: str = "answer"
+    ) -> bool:
+        """Store a reply; False when this message id already has it (nothing stored)."""
+        res = await self._deliver(
+            keys=self._keys(user_id),
+            args=[message_id, kind, reply, _now(), INBOX_TTL, MAX_ENTRIES],
+        )
+        return bool(res)
+
+    async def delivered(self, user_id: str, message_id: str) -> dict[str, Any] | None:
+        """What was delivered for a message: ``{"k": kind, "r": reply, "at", "id"}`` or None."""
+        raw = await self.redis.hget(self._keys(user_id)[1], message_id)
+        if raw is None:
+            return None
+        result: dict[str, Any] = orjson.loads(raw)
+        return result
+
+    async def answered(self, user_id: str, message_id: str) -> bool:
+        seen = await self.delivered(user_id, message_id)
+        return seen is not None and seen["k"] == "answer"
+
+    async def page(
+        self,
+        user_id: str,
+        after: str = "0",
+        *,
+        wait: float = 0.0,
+        limit: int = PAGE,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> tuple[list[Reply], str]:
+        """Replies after the cursor, oldest first, and the next cursor.
+
+        With `wait`, block until at least one arrives or `wait` seconds pass (or `stop()`).
+        """
+        key = self._keys(user_id)[0]
+        deadline = time.monotonic() + min(wait, MAX_WAIT)
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            block = min(_BLOCK_SLICE_MS, left_ms) if left_ms > 0 and not stop() else None
+            res = await self.redis.xread({key: after}, count=limit, block=block or None)
+            entries = res[0][1] if res else []
+            if entries or block is None:
+                break
+            await asyncio.sleep(0)
+        replies = [
+            Reply(f["m"], f["r"], f["at"], f.get("k", "answer"), entry_id)
+            for entry_id, f in entries
+        ]
+        return replies, (replies[-1].cursor if replies else after)

@@ -1,0 +1,136 @@
+"""The outbox: jobs the broker could not confirm wait in a Redis stream until a relay
+publishes them.
+
+Every replica and the worker run a `Relay`; they share one consumer group, so an entry is
+published by one of them. An entry is acknowledged and deleted only after the broker
+confirmed it; a relay that dies in between leaves it pending, and another relay claims it
+after `CLAIM_IDLE_MS`. A job published twice is harmless: the inbox keeps one reply per
+message id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from bot import metrics
+from bot.logging import get_logger
+from bot.retries.broker import Broker, BrokerUnavailable
+
+log = get_logger(__name__)
+
+GROUP = "relay"
+CLAIM_IDLE_MS = 30_000
+BATCH = 100
+# Under the Redis client's 1 s socket timeout.
+BLOCK_MS = 500
+
+
+def outbox_key(prefix: str) -> str:
+    return f"bot:outbox:{prefix}"
+
+
+class Outbox:
+    """Append jobs to the stream (one round trip)."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.redis = redis
+        self.key = outbox_key(prefix)
+
+    async def add(self, body: bytes, message_id: str, user_id: str) -> str:
+        """Hold a job until a relay publishes it; raises RedisError when Redis cannot."""
+        entry_id: str = await self.redis.xadd(
+            self.key, {"body": body.decode(), "mid": message_id, "uid": user_id}
+        )
+        return entry_id
+
+    async def length(self) -> int:
+        return int(await self.redis.xlen(self.key))
+
+
+class Relay:
+    """Publishes outbox entries to the work queue whenever the broker is up."""
+
+    def __init__(self, outbox: Outbox, broker: Broker) -> None:
+        self.outbox = outbox
+        self.broker = broker
+        self.redis = outbox.redis
+        self.key = outbox.key
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._group_ready = False
+
+    async def run(self) -> None:
+        """Relay until cancelled."""
+        while True:
+            try:
+                moved = await self.relay_once()
+            except RedisError as exc:
+                log.warning("outbox_relay_redis_error", error=type(exc).__name__)
+                self._group_ready = False  # the stream (and its group) may have been lost
+                await asyncio.sleep(1)
+                continue
+            if moved is None:
+                await asyncio.sleep(0.5)  # broker down: the outbox keeps the jobs
+
+    async def relay_once(self) -> int | None:
+        """Publish one batch; the count published, or None while the broker is down."""
+        if not self.broker.up:
+            return None
+        await self._ensure_group()
+        # Our own pending entries first (a publish that failed), then dead relays' entries,
+        # then new ones.
+        entries = await self._read("0")
+        if not entries:
+            claimed = await self.redis.xautoclaim(
+                self.key, GROUP, self.consumer, CLAIM_IDLE_MS, "0-0", count=BATCH
+            )
+            entries = claimed[1]
+        if not entries:
+            entries = await self._read(">", block=BLOCK_MS)
+        published = 0
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending
+                await self.redis.xack(self.key, GROUP, entry_id)
+                continue
+            try:
+                await self.broker.publish(
+                    fields["body"].encode(),
+                    self.broker.topology.work,
+                    message_id=fields.get("mid", ""),
+                    user_id=fields.get("uid", ""),
+                )
+            except BrokerUnavailable:
+                return published or None
+            metrics.RETRY_JOBS_PUBLISHED.inc()
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(self.key, GROUP, entry_id)
+            pipe.xdel(self.key, entry_id)
+            await pipe.execute()
+            published += 1
+            log.info("outbox_job_relayed", message_id=fields.get("mid"))
+        return published
+
+    async def _read(self, start: str, block: int | None = None) -> list[tuple[str, Any]]:
+        res = await self.redis.xreadgroup(
+            GROUP, self.consumer, {self.key: start}, count=BATCH, block=block
+        )
+        if not res:
+            return []
+        entries: list[tuple[str, Any]] = res[0][1]
+        return entries
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self.redis.xgroup_create(self.key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True

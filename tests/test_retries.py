@@ -1,0 +1,275 @@
+"""The retry queue in-process against the real RabbitMQ and Redis (own queue prefix, own DB):
+backoff arithmetic, publisher confirms and dedupe, outbox fallback and relay, 503 when nothing
+holds a job, the inbox's exactly-once and paging, and backoff timing through the queues."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from itertools import pairwise
+from typing import Any
+
+import aio_pika
+import pytest
+from redis.asyncio import Redis
+
+from bot.answers import Answer
+from bot.core.service import Job
+from bot.errors import Unavailable, UpstreamUnavailable
+from bot.inbox import APOLOGY, Inbox
+from bot.retries.broker import Broker
+from bot.retries.jobs import backoff, decode, delay_levels, encode, next_hop
+from bot.retries.outbox import Outbox, Relay
+from bot.retries.publisher import RetryQueue
+from bot.retries.topology import Topology, delete
+from bot.retries.worker import Worker
+from bot.settings import Settings
+from tests.support import AMQP_URL, free_port, unique
+
+# -- pure ---------------------------------------------------------------------------------
+
+
+def test_backoff_is_full_jitter_under_an_exponential_cap() -> None:
+    rng = random.Random(7)
+    for n, cap in [(1, 0.1), (2, 0.2), (3, 0.4), (5, 1.0), (9, 1.0)]:
+        delays = [backoff(n, 0.1, 1.0, rng=rng) for _ in range(2000)]
+        assert 0 <= min(delays) < cap * 0.05 and cap * 0.95 < max(delays) <= cap
+        assert statistics.mean(delays) == pytest.approx(cap / 2, rel=0.1)
+
+
+def test_backoff_never_undercuts_retry_after() -> None:
+    rng = random.Random(1)
+    assert all(backoff(1, 0.1, 1.0, retry_after=3.0, rng=rng) == 3.0 for _ in range(100))
+    assert all(backoff(12, 1.0, 300, retry_after=1e9, rng=rng) >= 3600 for _ in range(10))
+
+
+def test_any_delay_is_served_by_the_levels_largest_first() -> None:
+    levels = delay_levels(0.1, 1.0)
+    assert levels == [100, 200, 400, 800, 1600]
+    for wanted in (0.04, 0.05, 0.33, 1.0, 2.5, 7.77):
+        left, hops = wanted, 0
+        while (hop := next_hop(left, levels)) is not None:
+            left -= hop / 1000
+            hops += 1
+        assert abs(left) <= 0.05 and hops <= 8
+
+
+def test_job_round_trips_and_garbage_is_refused() -> None:
+    job = Job("m-1", "u-1", "why?", [{"q": "a", "a": "b"}], first_seen=10.0, attempt=3)
+    assert decode(encode(job, 42.5)) == (job, 42.5)
+    with pytest.raises(ValueError):
+        decode(b'{"nope": 1}')
+
+
+# -- against RabbitMQ and Redis -----------------------------------------------------------
+
+
+def settings_for(redis_url: str, **kw: Any) -> Settings:
+    base = Settings(
+        redis_url=redis_url,
+        amqp_url=AMQP_URL,
+        queue_prefix=f"test-{uuid.uuid4().hex[:8]}",
+        retry_base_delay=0.05,
+        retry_max_delay=0.8,
+        retry_max_attempts=7,
+        retry_prefetch=64,
+        drain_timeout=2.0,
+    )
+    return replace(base, **kw)
+
+
+@pytest.fixture
+async def settings(redis_url: str) -> AsyncIterator[Settings]:
+    s = settings_for(redis_url)
+    yield s
+    conn = await aio_pika.connect(AMQP_URL, timeout=5)
+    async with conn:
+        channel = await conn.channel()
+        await delete(channel, s.queue_prefix, Topology.from_settings(s).levels)
+
+
+@pytest.fixture
+async def broker(settings: Settings) -> AsyncIterator[Broker]:
+    b = Broker(settings, "test")
+    await b.start()
+    assert await b.wait_declared(10)
+    yield b
+    await b.close()
+
+
+def job(user: str | None = None, mid: str | None = None) -> Job:
+    return Job(mid or unique("m"), user or unique("u"), "what is a pulsar?", [])
+
+
+async def queued(broker: Broker) -> int:
+    depths = await broker.queue_depths()
+    return depths["work"] + depths["delay"]
+
+
+async def test_defer_returns_after_confirm_and_queues_a_message_once(
+    settings: Settings, broker: Broker, redis: Redis
+) -> None:
+    rq = RetryQueue(settings, broker, Outbox(redis, settings.queue_prefix), redis)
+    j = job()
+    await rq.defer(j, retry_after=30)  # long enough to stay in a delay queue
+    await rq.defer(replace(j), retry_after=30)  # NGINX resent it to another replica
+    assert await queued(broker) == 1
+    assert await Outbox(redis, settings.queue_prefix).length() == 0
+
+
+async def test_broker_down_means_outbox_and_the_relay_publishes_it_later(
+    settings: Settings, broker: Broker, redis: Redis
+) -> None:
+    down = replace(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    dead = Broker(down, "test-down")
+    await dead.start()
+    outbox = Outbox(redis, settings.queue_prefix)
+    try:
+        rq = RetryQueue(down, dead, outbox, redis)
+        for _ in range(5):
+            await rq.defer(job(), retry_after=30)
+        assert await outbox.length() == 5
+        assert not await dead.ready()
+    finally:
+        await dead.close()
+    relay = Relay(outbox, broker)
+    assert await relay.relay_once() == 5
+    assert await outbox.length() == 0
+    assert await queued(broker) == 5
+
+
+async def test_nothing_holds_the_job_means_503(settings: Settings) -> None:
+    port = free_port()
+    down = replace(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/")
+    dead = Broker(down, "test-down")
+    await dead.start()
+    gone = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=0.5)
+    try:
+        rq = RetryQueue(down, dead, Outbox(gone, down.queue_prefix), gone)
+        with pytest.raises(Unavailable) as exc:
+            await rq.defer(job(), retry_after=None)
+        assert exc.value.status == 503 and exc.value.retry_after >= 1
+    finally:
+        await dead.close()
+        await gone.aclose()
+
+
+async def test_inbox_keeps_one_answer_per_message_and_pages_with_a_cursor(redis: Redis) -> None:
+    inbox, user = Inbox(redis), unique("u")
+    assert await inbox.deliver(user, "m1", "first")
+    assert not await inbox.deliver(user, "m1", "again")  # a redelivered job
+    assert await inbox.deliver(user, "m2", APOLOGY, "apology")
+    assert not await inbox.deliver(user, "m2", APOLOGY, "apology")
+    assert await inbox.deliver(user, "m2", "late answer")  # after `bot dlq replay`
+    assert not await inbox.deliver(user, "m2", "late answer")
+    for i in range(3, 8):
+        await inbox.deliver(user, f"m{i}", f"r{i}")
+    page, cursor = await inbox.page(user, limit=4)
+    assert [r.message_id for r in page] == ["m1", "m2", "m2", "m3"]
+    assert [r.reply for r in page[:3]] == ["first", APOLOGY, "late answer"]
+    rest, cursor = await inbox.page(user, cursor)
+    assert [r.message_id for r in rest] == ["m4", "m5", "m6", "m7"]
+    empty, same = await inbox.page(user, cursor)
+    assert empty == [] and same == cursor
+
+
+async def test_long_poll_returns_when_a_reply_arrives(redis: Redis) -> None:
+    inbox, user = Inbox(redis), unique("u")
+    started = time.monotonic()
+    poll = asyncio.create_task(inbox.page(user, "0", wait=10))
+    await asyncio.sleep(0.3)
+    await inbox.deliver(user, "m1", "hello")
+    replies, _ = await poll
+    assert [r.reply for r in replies] == ["hello"]
+    assert time.monotonic() - started < 5  # woke up, did not sit out the 10 s
+    nothing, _ = await inbox.page(user, replies[0].cursor, wait=0.5)
+    assert nothing == []
+
+
+class ScriptedUpstream:
+    """Records when each job was attempted; fails until `succeed_at` attempts."""
+
+    def __init__(self, retry_after: dict[str, float], succeed_at: int) -> None:
+        self.calls: dict[str, list[float]] = defaultdict(list)
+        self.retry_after = retry_after
+        self.succeed_at = succeed_at
+
+    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        self.calls[question].append(time.monotonic())
+        if len(self.calls[question]) + 1 >= self.succeed_at:  # +1: the replica's attempt
+            return Answer(f"answer to {question}")
+        raise UpstreamUnavailable("upstream answered 503", self.retry_after.get(question))
+
+
+async def test_attempt_times_grow_with_jitter_and_honour_retry_after(
+    settings: Settings, broker: Broker, redis: Redis
+) -> None:
+    inbox = Inbox(redis)
+    questions = [f"q{i}" for i in range(24)]
+    upstream = ScriptedUpstream({"q0": 0.6, "q1": 0.6}, succeed_at=settings.retry_max_attempts)
+    worker_broker = Broker(settings, "test-worker", prefetch=settings.retry_prefetch)
+    await worker_broker.start()
+    worker = Worker(settings, worker_broker, inbox, upstream)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    rq = RetryQueue(settings, broker, Outbox(redis, settings.queue_prefix), redis)
+    user = unique("u")
+    deferred: dict[str, float] = {}
+    for q in questions:
+        j = Job(f"m-{q}", user, q, [])
+        deferred[q] = time.monotonic()
+        await rq.defer(j, retry_after=upstream.retry_after.get(q))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            replies, _ = await inbox.page(user, wait=1)
+            if len(replies) == len(questions):
+                break
+    finally:
+        stop.set()
+        await running
+        await worker_broker.close()
+    replies, _ = await inbox.page(user)
+    assert sorted(r.message_id for r in replies) == sorted(f"m-{q}" for q in questions)
+    gaps: dict[int, list[float]] = defaultdict(list)  # after failure n -> waits
+    for q in questions:
+        times = [deferred[q], *upstream.calls[q]]
+        assert len(times) == settings.retry_max_attempts  # answered at the last attempt
+        for n, (a, b) in enumerate(pairwise(times), start=1):
+            if q in upstream.retry_after:
+                assert b - a >= 0.6 - 0.05, (q, n, b - a)  # Retry-After honoured
+                continue
+            cap = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** (n - 1))
+            assert b - a <= cap + 0.3, (q, n, b - a, cap)
+            gaps[n].append(b - a)
+    means = [statistics.mean(gaps[n]) for n in sorted(gaps)]
+    print("mean wait after failure n:", [round(m, 3) for m in means])
+    assert means[3] > means[1] > 0 and means[4] > means[2]  # grows as configured
+    assert statistics.stdev(gaps[4]) > 0.05  # and with jitter: not all the same
+
+
+async def test_publish_with_confirm_throughput(
+    settings: Settings, broker: Broker, redis: Redis
+) -> None:
+    """Jobs/s through `RetryQueue.defer` (Redis dedupe marker + confirmed publish); a
+    figure for the record, not a timed assert."""
+    rq = RetryQueue(settings, broker, Outbox(redis, settings.queue_prefix), redis)
+    n = 1000
+    jobs = [job() for _ in range(n)]
+    sem = asyncio.Semaphore(64)
+
+    async def one(j: Job) -> None:
+        async with sem:
+            await rq.defer(j, retry_after=60)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(j) for j in jobs))
+    elapsed = time.perf_counter() - started
+    print(f"publish-with-confirm: {n} jobs in {elapsed:.2f}s = {n / elapsed:.0f} jobs/s")
+    assert await queued(broker) == n
