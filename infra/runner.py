@@ -94,11 +94,26 @@ def render_template(text: str, values: dict[str, object]) -> str:
     return re.sub(r"\{\{(\w+)\}\}", sub, text)
 
 
-def render_nginx(settings: Settings, paths: Paths, upstream_host: str = "127.0.0.1") -> str:
-    servers = "\n".join(
-        f"        server {upstream_host}:{settings.replica_port(i)} max_fails=2 fail_timeout=3s;"
+def render_nginx(
+    settings: Settings, paths: Paths, upstream_host: str = "127.0.0.1", resolver: str = ""
+) -> str:
+    """NGINX's config from its one template.
+
+    `upstream_host` may name each replica (``bot-{i}`` in compose). With a `resolver`, NGINX
+    re-resolves those names while it runs, since a recreated container gets a new address.
+    """
+    resolve = " resolve" if resolver else ""
+    lines = [
+        f"        server {upstream_host.format(i=i)}:{settings.replica_port(i)}{resolve} "
+        "max_fails=2 fail_timeout=3s;"
         for i in range(1, settings.replicas + 1)
-    )
+    ]
+    if resolver:  # `resolve` needs the group in shared memory (NGINX >= 1.27.3)
+        lines[:0] = [
+            "        zone bot_replicas 256k;",
+            f"        resolver {resolver} valid=5s ipv6=off;",
+        ]
+    servers = "\n".join(lines)
     template = (ROOT / "nginx" / "nginx.conf.template").read_text()
     return render_template(
         template,
