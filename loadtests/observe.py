@@ -11,15 +11,15 @@ from urllib.parse import quote
 import psutil
 import requests
 
+from bot.settings import Settings
 from loadtests.config import LoadConfig
 
 
-def stack_processes(cfg: LoadConfig) -> dict[int, str]:
+def stack_processes(s: Settings) -> dict[int, str]:
     """The stack's processes (pid -> name), found by the ports they listen on, with children.
 
     Redis and RabbitMQ are not included: they are shared, and their memory is data.
     """
-    s = cfg.stack
     ports = {s.public_port: "nginx", s.stub_port: "stub", s.worker_metrics_port: "worker"}
     ports[s.prometheus_port] = "prometheus"
     for i in range(1, s.replicas + 1):
@@ -37,6 +37,17 @@ def stack_processes(cfg: LoadConfig) -> dict[int, str]:
     return found
 
 
+def listening_pids(port: int) -> list[int]:
+    """Processes listening on `port` (Redis, an NGINX of our own...)."""
+    return sorted(
+        {
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid and c.laddr.port == port
+        }
+    )
+
+
 class MemorySampler(threading.Thread):
     """Samples the RSS (MB) of every stack process every `interval` seconds."""
 
@@ -52,7 +63,7 @@ class MemorySampler(threading.Thread):
         while not self._halt.is_set():
             now = time.time()
             if now - last_scan > 30 or not procs:
-                procs = stack_processes(self.cfg)
+                procs = stack_processes(self.cfg.stack)
                 last_scan = now
             for pid, name in procs.items():
                 try:
