@@ -92,6 +92,7 @@ class Settings:
     # Prometheus, Alertmanager, the alert sink and the exporters; tests opt in per stack.
     observability: bool = True
     scrape_interval: float = 15.0  # seconds; also Prometheus's rule evaluation interval
+    prometheus_rules_dir: str = ""  # empty: the repo's prometheus/rules (tests use a fast copy)
     max_inflight: int = 256
     edge_rate: int = 2000  # NGINX limit_req per client address, requests/s
     edge_burst: int = 4000
@@ -221,6 +222,7 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_ALERTMANAGER_PORT": ("alertmanager_port", _PORT),
     "BOT_OBSERVABILITY": ("observability", _bool),
     "BOT_SCRAPE_INTERVAL": ("scrape_interval", _float(0.5, 300)),
+    "BOT_PROMETHEUS_RULES_DIR": ("prometheus_rules_dir", _text),
     "BOT_MAX_INFLIGHT": ("max_inflight", _int(1, 100_000)),
     "BOT_EDGE_RATE": ("edge_rate", _int(1, 1_000_000)),
     "BOT_EDGE_BURST": ("edge_burst", _int(0, 1_000_000)),

@@ -140,7 +140,8 @@ def write_config(settings: Settings, paths: Paths) -> Path:
         d.mkdir(parents=True, exist_ok=True)
     for job, groups in scrape_targets(settings).items():
         (targets / f"{job}.json").write_text(json.dumps(groups, indent=2) + "\n")
-    for rule_file in (PROMETHEUS_DIR / "rules").glob("*.yml"):
+    source = Path(settings.prometheus_rules_dir or PROMETHEUS_DIR / "rules")
+    for rule_file in source.glob("*.yml"):
         shutil.copyfile(rule_file, rules / rule_file.name)
     (base / "prometheus.yml").write_text(render_prometheus(settings, targets, rules))
     sink = f"http://127.0.0.1:{settings.alertsink_port}/alerts"
