@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from bot.settings import Settings
-from infra.runner import ROOT, Paths, Program, bot_command, nginx_status_port, render_template
+from infra.runner import (
+    ROOT,
+    Paths,
+    Program,
+    _answers,
+    bot_command,
+    nginx_status_port,
+    render_template,
+)
 
 PROMETHEUS_DIR = ROOT / "prometheus"
 ALERTMANAGER_DIR = ROOT / "alertmanager"
@@ -37,14 +44,6 @@ def redis_exporter_port(settings: Settings) -> int:
 def mtail_port(settings: Settings) -> int:
     """mtail reading NGINX's access log (responses by status and upstream)."""
     return settings.metrics_port_base + 97
-
-
-def _answers(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def rabbitmq_metrics_target(settings: Settings) -> str | None:
