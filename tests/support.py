@@ -130,7 +130,11 @@ class Stack:
         return env
 
     def stop(self) -> None:
+        """Stop every process, then delete the stack's retry queues (its own prefix)."""
         runner.down(self.paths)
+        from tests.rabbit import drop_queues  # it imports this module
+
+        drop_queues(self.settings)
 
     def ctl(self, *args: str) -> str:
         return runner._supervisorctl(self.paths, *args).stdout

@@ -98,9 +98,11 @@ async def settings(redis_url: str) -> AsyncIterator[Settings]:
 async def broker(settings: Settings) -> AsyncIterator[Broker]:
     b = Broker(settings, "test")
     await b.start()
-    assert await b.wait_declared(10)
-    yield b
-    await b.close()
+    try:
+        assert await b.wait_declared(30)
+        yield b
+    finally:
+        await b.close()
 
 
 def job(user: str | None = None, mid: str | None = None) -> Job:

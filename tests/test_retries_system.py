@@ -21,7 +21,15 @@ import requests
 from bot.inbox import APOLOGY
 from bot.retries.outbox import outbox_key
 from tests.rabbit import PrivateRabbit
-from tests.support import Stack, claim_redis_db, post, release_redis_db, run, stack_env, unique
+from tests.support import (
+    Stack,
+    claim_redis_db,
+    post,
+    release_redis_db,
+    run,
+    running_stack,
+    unique,
+)
 
 pytestmark = pytest.mark.system
 
@@ -38,28 +46,27 @@ def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbit]:
 def rstack(tmp_path_factory: pytest.TempPathFactory, rabbit: PrivateRabbit) -> Iterator[Stack]:
     owner = f"retries-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     db = claim_redis_db(owner)
-    env = stack_env(
-        db,
-        AMQP_URL=rabbit.url,
-        BOT_REPLICAS="2",
-        BOT_OBSERVABILITY="false",
-        BOT_RATE_LIMIT="1000/second",
-        BOT_RATE_BURST="1000",
-        BOT_RETRY_BASE_DELAY="0.1",
-        BOT_RETRY_MAX_DELAY="0.4",
-        BOT_RETRY_MAX_ATTEMPTS="8",
-        BOT_UPSTREAM_TIMEOUT="1",
-        BOT_DRAIN_TIMEOUT="3",
+    env = {
+        "AMQP_URL": rabbit.url,
+        "BOT_REPLICAS": "2",
+        "BOT_OBSERVABILITY": "false",
+        "BOT_RATE_LIMIT": "1000/second",
+        "BOT_RATE_BURST": "1000",
+        "BOT_RETRY_BASE_DELAY": "0.1",
+        "BOT_RETRY_MAX_DELAY": "0.4",
+        "BOT_RETRY_MAX_ATTEMPTS": "8",
+        "BOT_UPSTREAM_TIMEOUT": "1",
+        "BOT_DRAIN_TIMEOUT": "3",
         # Opened by failures without Retry-After, the breaker would space attempts >= 1 s
         # apart; its own tests cover it.
-        BOT_BREAKER_CONSECUTIVE="100000",
-        BOT_BREAKER_MIN_CALLS="100000",
-    )
-    stack = Stack(tmp_path_factory.mktemp("rstack") / "run", env)
-    stack.start()
-    yield stack
-    stack.stop()
-    release_redis_db(db, owner)
+        "BOT_BREAKER_CONSECUTIVE": "100000",
+        "BOT_BREAKER_MIN_CALLS": "100000",
+    }
+    try:
+        with running_stack(tmp_path_factory.mktemp("rstack"), db, **env) as stack:
+            yield stack
+    finally:
+        release_redis_db(db, owner)
 
 
 @pytest.fixture(autouse=True)
