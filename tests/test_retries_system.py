@@ -278,7 +278,7 @@ def test_replies_route_validates_and_long_polls(rstack: Stack) -> None:
     user = unique("poll")
     url = f"{rstack.url}/v1/users/{user}/replies"
     assert requests.get(url, timeout=5).json() == {"replies": [], "next": "0"}
-    for bad in ({"after": "nope"}, {"wait": "31"}, {"wait": "x"}):
+    for bad in ({"after": "nope"}, {"wait": "31"}, {"wait": "x"}, {"limit": "0"}):
         r = requests.get(url, params=bad, timeout=5)
         assert r.status_code == 400 and r.json()["error"]["code"].startswith("invalid_"), bad
     rstack.faults(outage=True, latency_ms=5)
@@ -290,3 +290,4 @@ def test_replies_route_validates_and_long_polls(rstack: Stack) -> None:
     assert [r["message_id"] for r in page["replies"]] == [msg["message_id"]]
     assert time.monotonic() - started < 15
     assert requests.get(url, params={"after": page["next"]}, timeout=5).json()["replies"] == []
+    assert requests.get(url, params={"limit": "1"}, timeout=5).json()["next"] == page["next"]

@@ -1,4 +1,4 @@
-"""GET /v1/users/{user_id}/replies?after=<cursor>&wait=<s>: the user's deferred replies."""
+"""GET /v1/users/{user_id}/replies?after=<cursor>&wait=<s>&limit=<n>: deferred replies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from bot.api.keys import SERVICE, STATE
 from bot.api.render import json_response
 from bot.core.validation import check_id
 from bot.errors import BadRequest, Unavailable
-from bot.inbox import CURSOR_RE, MAX_WAIT
+from bot.inbox import CURSOR_RE, MAX_WAIT, PAGE
 
 
 def _wait(raw: str | None) -> float:
@@ -26,6 +26,14 @@ def _wait(raw: str | None) -> float:
     return wait
 
 
+def _limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return PAGE
+    if not raw.isdigit() or not 1 <= int(raw) <= PAGE:
+        raise BadRequest(f"limit must be an integer from 1 to {PAGE}", code="invalid_limit")
+    return int(raw)
+
+
 async def get_replies(request: web.Request) -> web.Response:
     """Replies after the cursor, oldest first; `wait` long-polls until one arrives."""
     user = check_id(request.match_info["user_id"], "user_id")
@@ -33,13 +41,14 @@ async def get_replies(request: web.Request) -> web.Response:
     if not CURSOR_RE.fullmatch(after):
         raise BadRequest("after must be a cursor returned as next", code="invalid_cursor")
     wait = _wait(request.query.get("wait"))
+    limit = _limit(request.query.get("limit"))
     inbox = request.app[SERVICE].inbox
     if inbox is None:
         raise Unavailable("deferred replies are unavailable right now", 5)
     state = request.app[STATE]
     try:
         replies, cursor = await inbox.page(
-            user, after, wait=wait, stop=lambda: bool(state["draining"])
+            user, after, wait=wait, limit=limit, stop=lambda: bool(state["draining"])
         )
     except RedisError:
         raise Unavailable("deferred replies are unavailable right now", 5) from None
