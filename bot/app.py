@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.api import health, messages, middleware, replies
+from bot.api import docs, health, messages, middleware, prefs, replies
 from bot.api.keys import (
     HTTP,
     READINESS,
@@ -53,6 +53,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", health.readyz)
     app.router.add_post("/v1/messages", messages.post_message)
     app.router.add_get("/v1/users/{user_id}/replies", replies.get_replies)
+    app.router.add_get("/v1/openapi.json", docs.openapi)
+    prefs.add_routes(app.router)
     return app
 
 

@@ -27,7 +27,7 @@ MAX_PREFS = 100
 # adding keys at once cannot together exceed it. Returns the number of keys, or -1.
 _PREFS_SET = """
 local new = 0
-for i = 1, #ARGV, 2 do
+for i = 1, #ARGV - 1, 2 do
   if redis.call("HEXISTS", KEYS[1], ARGV[i]) == 0 then new = new + 1 end
 end
 if redis.call("HLEN", KEYS[1]) + new > tonumber(ARGV[#ARGV]) then return -1 end

@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import redis
 import requests
 
@@ -271,3 +273,76 @@ class PrivateRedis:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=10)
             self.proc = None
+
+
+class HoldingProxy:
+    """A TCP proxy of the test's own in front of a port; while `hold` is set it accepts
+    connections but forwards nothing, so the test can act on the client in between. A client
+    that goes away while held is never forwarded."""
+
+    def __init__(self, target_port: int, port: int = 0) -> None:
+        self.target_port = target_port
+        self.hold = threading.Event()
+        self.held: list[int] = []  # client-side ports of held connections
+        self.forwarded = 0
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port))
+        self._sock.listen(64)
+        self.port: int = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, addr = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client, addr[1]), daemon=True).start()
+
+    def _serve(self, client: socket.socket, peer_port: int) -> None:
+        buffered = b""
+        if self.hold.is_set():
+            self.held.append(peer_port)
+            client.settimeout(0.05)
+            while self.hold.is_set():
+                try:
+                    data = client.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:  # the client died while held: forward nothing
+                    client.close()
+                    return
+                buffered += data
+        client.settimeout(None)
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        self.forwarded += 1
+        if buffered:
+            upstream.sendall(buffered)
+        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        self._pipe(client, upstream)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def pid_of_client_port(port: int) -> int:
+    """The pid of the local process whose TCP socket uses `port`."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.pid:
+            return int(conn.pid)
+    raise LookupError(port)

@@ -1,0 +1,296 @@
+"""Integrations: the preferences service, API keys, NGINX resends, the OpenAPI document and
+data that survives a Redis restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from openapi_core import OpenAPI
+from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
+
+from bot.app import create_app
+from bot.settings import load_settings
+from tests.support import (
+    HoldingProxy,
+    PrivateRedis,
+    Stack,
+    free_port,
+    pid_of_client_port,
+    post,
+    unique,
+)
+
+pytestmark = pytest.mark.system
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
+
+
+def _prefs_url(stack: Stack, user: str, key: str | None = None) -> str:
+    return f"{stack.url}/v1/users/{user}/prefs" + (f"/{key}" if key else "")
+
+
+def test_prefs_round_trip(stack: Stack) -> None:
+    user = unique()
+    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {}}
+    r = requests.put(
+        _prefs_url(stack, user), json={"prefs": {"lang": "en", "tz": "UTC"}}, timeout=5
+    )
+    assert r.status_code == 200 and r.json() == {"prefs": {"lang": "en", "tz": "UTC"}}
+    r = requests.put(_prefs_url(stack, user), json={"prefs": {"lang": "fr"}}, timeout=5)
+    assert r.json() == {"prefs": {"lang": "fr", "tz": "UTC"}}  # merged
+    # the chat commands see the same hash
+    say = post(stack.url + "/v1/messages", {"user_id": user, "text": "/prefs get lang"})
+    assert say.json()["reply"] == "lang = fr"
+    assert post(stack.url + "/v1/messages", {"user_id": user, "text": "/prefs del tz"}).ok
+    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {"lang": "fr"}}
+    r = requests.delete(_prefs_url(stack, user, "lang"), timeout=5)
+    assert r.status_code == 204 and not r.content
+    assert requests.delete(_prefs_url(stack, user, "lang"), timeout=5).status_code == 204
+    requests.put(_prefs_url(stack, user), json={"prefs": {"a": "1", "b": "2"}}, timeout=5)
+    assert requests.delete(_prefs_url(stack, user), timeout=5).status_code == 204
+    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {}}
+
+
+BAD_PREFS: list[tuple[str, Any, str, int]] = [
+    ("bad key", {"prefs": {"a b": "x"}}, "application/json", 400),
+    ("key too long", {"prefs": {"k" * 65: "x"}}, "application/json", 400),
+    ("value not a string", {"prefs": {"k": 5}}, "application/json", 400),
+    ("null value", {"prefs": {"k": None}}, "application/json", 400),
+    ("value too long", {"prefs": {"k": "v" * 1025}}, "application/json", 400),
+    ("prefs not an object", {"prefs": ["k", "v"]}, "application/json", 400),
+    ("missing prefs", {"k": "v"}, "application/json", 400),
+    ("extra field", {"prefs": {}, "more": 1}, "application/json", 400),
+    ("array body", [1], "application/json", 400),
+    ("not json", b"{", "application/json", 400),
+    ("empty", b"", "application/json", 400),
+    ("text body", b'{"prefs":{}}', "text/plain", 415),
+    ("huge", {"prefs": {"k": "v" * 70_000}}, "application/json", 413),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "ctype", "status"), BAD_PREFS, ids=[b[0] for b in BAD_PREFS]
+)
+def test_bad_prefs_are_refused(stack: Stack, name: str, body: Any, ctype: str, status: int) -> None:
+    user = unique()
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = requests.put(_prefs_url(stack, user), data=data, headers={"Content-Type": ctype}, timeout=5)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"]
+    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {}}
+
+
+def test_bad_user_or_key_in_path(stack: Stack) -> None:
+    assert requests.get(f"{stack.url}/v1/users/a%20b/prefs", timeout=5).status_code == 400
+    r = requests.delete(f"{stack.url}/v1/users/u1/prefs/a%20b", timeout=5)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_pref_key"
+
+
+def test_more_than_100_keys_is_refused_and_stores_nothing(stack: Stack) -> None:
+    user = unique()
+    too_many = {f"k{i}": "v" for i in range(101)}
+    r = requests.put(_prefs_url(stack, user), json={"prefs": too_many}, timeout=5)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prefs"
+    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {}}
+    # 100 is fine; one more key on top is refused atomically, an update of an existing is not
+    hundred = {f"k{i}": "v" for i in range(100)}
+    assert requests.put(_prefs_url(stack, user), json={"prefs": hundred}, timeout=5).ok
+    r = requests.put(_prefs_url(stack, user), json={"prefs": {"k0": "w", "new": "x"}}, timeout=5)
+    assert r.status_code == 400
+    stored = requests.get(_prefs_url(stack, user), timeout=5).json()["prefs"]
+    assert len(stored) == 100 and stored["k0"] == "v"
+    r = post(stack.url + "/v1/messages", {"user_id": user, "text": "/prefs set new x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prefs"
+    assert requests.put(_prefs_url(stack, user), json={"prefs": {"k0": "w"}}, timeout=5).ok
+
+
+def test_api_keys(make_stack: Callable[..., Stack]) -> None:
+    keys = [f"key-{unique()}", f"key-{unique()}"]
+    stack = make_stack(BOT_API_KEYS=",".join(keys), BOT_REPLICAS="2")
+    url = stack.url + "/v1/messages"
+    body = {"user_id": unique(), "text": "/echo hi"}
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-key"},
+        {"Authorization": f"Bearer {keys[0]}x"},
+        {"Authorization": f"Basic {keys[0]}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": keys[0]},
+    ):
+        r = post(url, body, headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+        assert r.json()["error"]["code"] in ("missing_api_key", "invalid_api_key")
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    for key in keys:
+        r = post(url, body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+    r = requests.get(f"{stack.url}/v1/users/u1/prefs", timeout=5)
+    assert r.status_code == 401
+    # health, readiness and metrics stay open on their own ports
+    assert requests.get(stack.replica_url(1) + "/healthz", timeout=5).ok
+    assert requests.get(stack.replica_url(1) + "/readyz", timeout=5).ok
+    assert requests.get(stack.metrics_url(1), timeout=5).ok
+    time.sleep(1.2)  # NGINX's access log flushes every second
+    logs = "".join(p.read_text(errors="replace") for p in stack.paths.logs.glob("*.log"))
+    assert "api_keys_unset" not in logs
+    for key in keys:
+        assert key not in logs
+
+
+def test_open_api_warns_once_at_start(stack: Stack) -> None:
+    assert stack.logs("bot-1").count('"api_keys_unset"') == 1
+
+
+def test_nginx_resend_after_a_replica_dies_is_processed_once(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """A replica claims a message without message_id and dies before its upstream call goes
+    out; NGINX resends it to the other replica, which answers it: one upstream call."""
+    proxy_port = free_port()
+    stack = make_stack(
+        BOT_REPLICAS="2", UPSTREAM_URL=f"http://127.0.0.1:{proxy_port}", BOT_UPSTREAM_TIMEOUT="1"
+    )
+    proxy = HoldingProxy(stack.settings.stub_port, port=proxy_port)
+    try:
+        stack.reset_stub()
+        proxy.hold.set()
+        result: dict[str, requests.Response] = {}
+        body = {"user_id": unique(), "text": f"who are you {unique()}?"}
+
+        def send() -> None:
+            result["r"] = post(stack.url + "/v1/messages", body, timeout=40)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        deadline = time.monotonic() + 10
+        while not proxy.held and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proxy.held, "no replica asked the upstream"
+        victim = pid_of_client_port(proxy.held[0])
+        assert victim in (stack.pid("bot-1"), stack.pid("bot-2"))
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.3)
+        proxy.hold.clear()
+        sender.join(timeout=40)
+        r = result["r"]
+        assert r.status_code == 200, r.text
+        assert body["text"] in r.json()["reply"]
+        assert r.json()["message_id"] == r.headers["X-Request-ID"]
+        assert stack.stub_stats()["calls"] == 1
+        time.sleep(1.2)  # NGINX's access log flushes every second
+        entry = [e for e in stack.access_log() if e["uri"] == "/v1/messages"][-1]
+        assert "," in entry["upstream_addr"], entry  # NGINX tried a second replica
+    finally:
+        proxy.close()
+
+
+def test_prefs_and_records_survive_a_redis_restart(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    redis = PrivateRedis(tmp_path / "redis", appendonly=True)
+    redis.start()
+    try:
+        stack = make_stack(REDIS_URL=redis.url, BOT_REPLICAS="1")
+        assert "redis_persistence_off" not in stack.logs("bot-1")
+        user = unique()
+        prefs = {"lang": "en", "tz": "Europe/Paris", "emoji": "🦜"}
+        assert requests.put(_prefs_url(stack, user), json={"prefs": prefs}, timeout=5).ok
+        body = {"user_id": user, "text": "/echo keep me", "message_id": unique("m")}
+        first = post(stack.url + "/v1/messages", body)
+        assert first.ok
+        redis.stop()
+        redis.start()
+        deadline = time.monotonic() + 10
+        r = requests.get(_prefs_url(stack, user), timeout=5)
+        while r.status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            r = requests.get(_prefs_url(stack, user), timeout=5)
+        assert r.json() == {"prefs": prefs}
+        again = post(stack.url + "/v1/messages", body)
+        assert again.headers.get("Idempotent-Replayed") == "true"
+        assert again.json() == first.json()
+    finally:
+        redis.stop()
+
+
+def test_persistence_off_is_logged_once(stack: Stack) -> None:
+    # the machine's shared Redis runs without persistence (`--appendonly no`)
+    assert stack.logs("bot-1").count('"redis_persistence_off"') == 1
+
+
+def _openapi(stack: Stack) -> OpenAPI:
+    spec = {**SPEC, "servers": [{"url": stack.url}]}
+    return OpenAPI.from_dict(spec)
+
+
+def _check(api: OpenAPI, method: str, url: str, **kw: Any) -> requests.Response:
+    req = requests.Request(method, url, **kw)
+    resp = requests.Session().send(req.prepare(), timeout=10)
+    api.validate_response(RequestsOpenAPIRequest(req), RequestsOpenAPIResponse(resp))
+    return resp
+
+
+def test_every_documented_route_answers_as_documented(stack: Stack) -> None:
+    api = _openapi(stack)
+    user = unique()
+    seen = set()
+    cases: list[tuple[str, str, dict[str, Any], int]] = [
+        ("POST", "/v1/messages", {"json": {"user_id": user, "text": "/echo hi"}}, 200),
+        (
+            "POST",
+            "/v1/messages",
+            {"json": {"user_id": user, "text": "q?", "message_id": "m1"}},
+            200,
+        ),
+        (
+            "POST",
+            "/v1/messages",
+            {"json": {"user_id": user, "text": "q?", "message_id": "m1"}},
+            200,
+        ),
+        ("POST", "/v1/messages", {"json": {"user_id": "bad id", "text": "hi"}}, 400),
+        ("POST", "/v1/messages", {"data": "x", "headers": {"Content-Type": "text/plain"}}, 415),
+        ("POST", "/v1/messages", {"json": {"user_id": user, "text": "x" * 70000}}, 413),
+        ("GET", f"/v1/users/{user}/replies", {}, 200),
+        ("GET", f"/v1/users/{user}/prefs", {}, 200),
+        ("PUT", f"/v1/users/{user}/prefs", {"json": {"prefs": {"lang": "en"}}}, 200),
+        ("PUT", f"/v1/users/{user}/prefs", {"json": {"prefs": {"a b": "x"}}}, 400),
+        ("DELETE", f"/v1/users/{user}/prefs/lang", {}, 204),
+        ("DELETE", f"/v1/users/{user}/prefs", {}, 204),
+        ("GET", "/v1/openapi.json", {}, 200),
+        ("GET", "/healthz", {}, 200),
+        ("GET", "/readyz", {}, 200),
+    ]
+    for method, path, kw, status in cases:
+        r = _check(api, method, stack.url + path, **kw)
+        assert r.status_code == status, (method, path, r.text)
+        template = path.replace(user, "{user_id}").replace("/lang", "/{key}")
+        seen.add((method, template))
+    documented = {
+        (m.upper(), p) for p, item in SPEC["paths"].items() for m in item if m != "parameters"
+    }
+    assert documented <= seen, documented - seen
+    assert requests.get(stack.url + "/v1/openapi.json", timeout=5).json() == SPEC
+
+
+def test_every_served_route_is_documented() -> None:
+    app = create_app(load_settings({}))
+    served = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    documented = {
+        (m.upper(), p) for p, item in SPEC["paths"].items() for m in item if m != "parameters"
+    }
+    assert served == documented
