@@ -90,7 +90,12 @@ class LoadConfig:
 # Per-scenario defaults that fit a 2-core machine shared with the stack it loads.
 _SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
     "steady": {"duration": 60.0, "objectives": {"p99_ms": 1500.0}},
-    "spike": {"users": 20, "objectives": {"p99_ms": 3000.0, "max_shed_share": 0.05}},
+    # 30 users at one message a second (each standing for several people), then 300.
+    "spike": {
+        "users": 30,
+        "user_interval": 1.0,
+        "objectives": {"p99_ms": 3000.0, "max_shed_share": 0.05},
+    },
     "ramp": {"users": 20, "objectives": {"p99_ms": 1500.0, "min_knee_rps": 20.0}},
     "abuse": {"duration": 60.0, "objectives": {"p99_ms": 1500.0}},
     "outage": {
@@ -158,15 +163,15 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
         users=get("LOAD_USERS", int, defaults.get("users", 30)),
         spawn_rate=get("LOAD_SPAWN_RATE", float, 10.0),
         duration=get("LOAD_DURATION", float, defaults.get("duration", 60.0)),
-        user_interval=get("LOAD_USER_INTERVAL", float, 3.0),
+        user_interval=get("LOAD_USER_INTERVAL", float, defaults.get("user_interval", 3.0)),
         spike_factor=get("LOAD_SPIKE_FACTOR", float, 10.0),
         spike_baseline=get("LOAD_SPIKE_BASELINE", float, 20.0),
         spike_rise=get("LOAD_SPIKE_RISE", float, 10.0),
         spike_hold=get("LOAD_SPIKE_HOLD", float, 30.0),
         spike_recovery=get("LOAD_SPIKE_RECOVERY", float, 20.0),
-        ramp_step_users=get("LOAD_RAMP_STEP_USERS", int, 20),
-        ramp_step_seconds=get("LOAD_RAMP_STEP_SECONDS", float, 15.0),
-        ramp_max_users=get("LOAD_RAMP_MAX_USERS", int, 300),
+        ramp_step_users=get("LOAD_RAMP_STEP_USERS", int, 50),
+        ramp_step_seconds=get("LOAD_RAMP_STEP_SECONDS", float, 10.0),
+        ramp_max_users=get("LOAD_RAMP_MAX_USERS", int, 1000),
         ramp_user_interval=get("LOAD_RAMP_USER_INTERVAL", float, 0.5),
         abusers=get("LOAD_ABUSERS", int, 3),
         abuser_rate=get("LOAD_ABUSER_RATE", float, 10.0),

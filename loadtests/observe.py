@@ -30,7 +30,13 @@ def stack_processes(s: Settings) -> dict[int, str]:
             found.setdefault(conn.pid, ports[conn.laddr.port])
     for pid, name in list(found.items()):
         try:
-            for child in psutil.Process(pid).children(recursive=True):
+            proc = psutil.Process(pid)
+            # A worker of a pre-forking server (NGINX) listens too: start from its master.
+            while (parent := proc.parent()) is not None and parent.name() == proc.name():
+                proc = parent
+            found.pop(pid)
+            found[proc.pid] = name
+            for child in proc.children(recursive=True):
                 found.setdefault(child.pid, f"{name}-child")
         except psutil.Error:
             continue

@@ -126,11 +126,20 @@ def render(summary: dict[str, Any]) -> str:
             f"p50 {p['p50_ms']:>5.0f} ms  p99 {p['p99_ms']:>5.0f} ms  shed {p['shed']}  "
             f"5xx {p['other_5xx']}  no-json {p['no_json']}"
         )
+    if f.get("abuse_requests"):
+        lines.append(
+            f"  abusers: {f['abuse_requests']} requests, {f['limited_abuse']} rate limited"
+        )
     if "ramp" in f:
         r = f["ramp"]
         lines.append(
             f"  knee: {r['knee_rps']} answers/s at {r['knee_users']} users "
             f"({'not reached' if r['reached_end'] else 'broke at ' + str(r['broke_at'])})"
+        )
+    for name, m in (f.get("memory") or {}).items() if summary["scenario"] == "soak" else ():
+        lines.append(
+            f"  memory {name:<20} {m['start_mb']:>7.1f} -> {m['end_mb']:>7.1f} MB "
+            f"(peak {m['peak_mb']:.1f})"
         )
     for c in summary["checks"]:
         mark = "ok  " if c["passed"] else "FAIL"

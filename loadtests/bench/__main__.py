@@ -175,25 +175,20 @@ def replicas_via_nginx(cfg: BenchConfig, tmp: Path) -> Iterator[tuple[str, list[
 @contextlib.contextmanager
 def private_stack(cfg: BenchConfig, tmp: Path, limiter: bool) -> Iterator[Settings]:
     """A stack like the running one on free ports, with NGINX's per-address guard opened."""
-    base = _free_port_block(300)
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    env = {
-        **cfg.env,
+    from tests.support import stack_env
+
+    ports = stack_env(
+        0,
+        REDIS_URL=cfg.stack.redis_url,
+        AMQP_URL=cfg.stack.amqp_url,
+        BOT_REPLICAS=str(cfg.stack.replicas),
+        BOT_QUEUE_PREFIX=f"bench-{uuid.uuid4().hex[:8]}",
+        BOT_RATE_LIMIT_ENABLED="true" if limiter else "false",
+        BOT_DOTENV="/dev/null",
+        PATH=f"{runner.VENV_BIN}:{cfg.env.get('PATH', '')}",
         **_OPEN_EDGE,
-        "BOT_PUBLIC_PORT": str(base),
-        "BOT_PORT_BASE": str(base + 1),
-        "BOT_METRICS_PORT_BASE": str(base + 100),
-        "BOT_WORKER_METRICS_PORT": str(base + 200),
-        "BOT_STUB_PORT": str(base + 201),
-        "UPSTREAM_URL": f"http://127.0.0.1:{base + 201}",
-        "BOT_PROMETHEUS_PORT": str(base + 202),
-        "BOT_ALERTMANAGER_PORT": str(base + 203),
-        "BOT_OBSERVABILITY": "false",
-        "BOT_QUEUE_PREFIX": prefix,
-        "BOT_RATE_LIMIT_ENABLED": "true" if limiter else "false",
-        "BOT_DOTENV": "/dev/null",
-        "PATH": f"{runner.VENV_BIN}:{cfg.env.get('PATH', '')}",
-    }
+    )
+    env = {**cfg.env, **ports, "LOG_FORMAT": cfg.env.get("LOG_FORMAT", "json")}
     settings = load_settings(env)
     paths = runner.Paths(tmp / f"stack-{'on' if limiter else 'off'}")
     out = io.StringIO()
