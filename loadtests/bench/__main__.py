@@ -396,9 +396,16 @@ class Bench:
 
 
 def top_frames(raw: str, n: int = 12) -> dict[str, Any]:
-    """The functions most often on CPU (self) and on the stack (inclusive), from py-spy raw."""
+    """Where replica 1's CPU went, from py-spy's raw (collapsed) stacks.
+
+    `by_component`: each sample charged to the deepest frame outside the standard library
+    (a send() inside asyncio's streams is the Redis client's or aiohttp's cost), named by
+    package, or by module inside `bot`; `bot_inclusive`: the bot's own functions with
+    everything they call; `self`: the leaf functions.
+    """
     own: Counter[str] = Counter()
-    incl: Counter[str] = Counter()
+    component: Counter[str] = Counter()
+    bot: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -406,21 +413,45 @@ def top_frames(raw: str, n: int = 12) -> dict[str, Any]:
             continue
         k = int(count)
         total += k
-        frames = [_frame(f) for f in stack.split(";")]
-        own[frames[-1]] += k
-        for f in set(frames):
-            incl[f] += k
+        frames = stack.split(";")
+        own[_frame(frames[-1])] += k
+        component[next((c for c in map(_component, reversed(frames)) if c), "event loop")] += k
+        for f in {_frame(f) for f in frames if "(bot/" in f and "cli.py" not in f}:
+            bot[f] += k
 
     def top(c: Counter[str]) -> list[list[Any]]:
         return [[f, round(v / max(1, total), 3)] for f, v in c.most_common(n)]
 
-    return {"samples": total, "self": top(own), "inclusive": top(incl)}
+    return {
+        "samples": total,
+        "by_component": top(component),
+        "bot_inclusive": top(bot),
+        "self": top(own),
+    }
+
+
+_STDLIB = ("asyncio/", "typing", "uuid", "abc", "enum", "functools", "contextlib", "<frozen")
+
+
+def _component(frame: str) -> str | None:
+    """`redis`, `aiohttp`, `bot.api.middleware`...; None for the standard library."""
+    where = frame.partition(" (")[2].rpartition(":")[0]
+    if not where or where.startswith(_STDLIB) or "/" not in where:
+        return None
+    top, _, rest = where.partition("/")
+    if top == "bot" and rest in ("serve.py", "cli.py"):
+        return None  # the process's root frames: their own time is the event loop's
+    if top == "bot":
+        return "bot." + rest.removesuffix(".py").replace("/", ".")
+    if top in ("uvloop", "runpy"):
+        return None
+    return top
 
 
 def _frame(f: str) -> str:
-    # "func (path/to/module.py:123)" -> "func (module.py)"
+    # "func (path/to/module.py:123)" -> "func (path/to/module.py)"
     name, _, where = f.partition(" (")
-    return f"{name} ({Path(where.rstrip(')').rpartition(':')[0]).name})" if where else name
+    return f"{name} ({where.rstrip(')').rpartition(':')[0]})" if where else name
 
 
 def _cores() -> int:
@@ -460,12 +491,12 @@ def main() -> int:
     for k, v in summary["ratios"].items():
         print(f"  {k:<28} {'-' if v is None else f'{v:.2f}'}")
     prof = summary.get("profile") or {}
-    if prof.get("inclusive"):
+    if prof.get("by_component"):
         print(f"profile of replica 1 under /echo ({prof['samples']} samples, {prof['file']}):")
-        for f, share in prof["self"][:8]:
-            print(f"  self      {share:>6.1%}  {f}")
-        for f, share in prof["inclusive"][:12]:
-            print(f"  inclusive {share:>6.1%}  {f}")
+        for f, share in prof["by_component"][:8]:
+            print(f"  component {share:>6.1%}  {f}")
+        for f, share in prof["bot_inclusive"][:10]:
+            print(f"  bot code  {share:>6.1%}  {f}")
     cfg.report_root.mkdir(parents=True, exist_ok=True)
     out = cfg.report_root / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
