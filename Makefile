@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCENARIO ?= steady
 # Debian packages the stack and its tests use (installed when running as root).
-APT_PACKAGES := nginx-light redis-server prometheus prometheus-alertmanager \
+APT_PACKAGES := nginx-light redis-server rabbitmq-server prometheus prometheus-alertmanager \
 	prometheus-nginx-exporter prometheus-redis-exporter mtail wrk docker-compose
 
 .PHONY: install system-deps up down status test lint typecheck unit loadtest bench clean

@@ -191,6 +191,16 @@ def _answers(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def _dist_port(amqp_port: int) -> int:
+    """RabbitMQ's conventional distribution port (AMQP + 20000), unless a node has it."""
+    if not _answers("127.0.0.1", amqp_port + 20000):
+        return amqp_port + 20000
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 @builder
 def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list[Program]:
     """Redis and RabbitMQ of our own, only when the configured ones do not answer."""
@@ -226,7 +236,7 @@ def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list
                 env={
                     "RABBITMQ_NODE_PORT": str(port),
                     "RABBITMQ_NODENAME": f"bot{port}@localhost",
-                    "RABBITMQ_DIST_PORT": str(port + 20000),
+                    "RABBITMQ_DIST_PORT": str(_dist_port(port)),
                     "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
                     "RABBITMQ_LOG_BASE": str(paths.logs),
                     "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
