@@ -100,6 +100,8 @@ _SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
     "abuse": {"duration": 60.0, "objectives": {"p99_ms": 1500.0}},
     "outage": {
         "duration": 60.0,
+        # Cached questions are answered stale during the outage: more new ones, more 202s.
+        "unique_question_share": 0.3,
         "objectives": {"p99_ms": 2500.0, "exactly_once": True, "min_queued": 1},
     },
     "soak": {"duration": 600.0, "objectives": {"p99_ms": 1500.0}},
@@ -181,7 +183,9 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
         mem_interval=get("LOAD_MEM_INTERVAL", float, 5.0),
         questions=get("LOAD_QUESTIONS", int, 200),
         zipf_s=get("LOAD_ZIPF_S", float, 1.1),
-        unique_question_share=get("LOAD_UNIQUE_QUESTION_SHARE", float, 0.1),
+        unique_question_share=get(
+            "LOAD_UNIQUE_QUESTION_SHARE", float, defaults.get("unique_question_share", 0.1)
+        ),
         processes=get("LOAD_PROCESSES", int, 1),
         timeout=get("LOAD_TIMEOUT", float, 30.0),
         report_root=get("LOAD_REPORT_DIR", str, "reports"),
