@@ -226,7 +226,7 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_MAX_INFLIGHT": ("max_inflight", _int(1, 100_000)),
     "BOT_EDGE_RATE": ("edge_rate", _int(1, 1_000_000)),
     "BOT_EDGE_BURST": ("edge_burst", _int(0, 1_000_000)),
-    "BOT_EDGE_CONN": ("edge_conn", _int(1, 1_000_000)),
+    "BOT_EDGE_CONN": ("edge_conn", _int(1, 65535)),  # NGINX refuses more
     "BOT_IDEMPOTENCY_TTL": ("idempotency_ttl", _int(60, 30 * 86400)),
     "BOT_DRAIN_TIMEOUT": ("drain_timeout", _float(0, 300)),
 }
