@@ -6,12 +6,16 @@
 -- ARGV[1] emission interval T, microseconds     ARGV[2] burst (tau = T * burst)
 -- ARGV[3] claim token                           ARGV[4] claim lease, milliseconds
 -- ARGV[5] 1 to return the context list          ARGV[6] 1 to apply the limit
+-- ARGV[7] the finished record, when the answer was known before admission (/help, /echo):
+--         stored at once instead of a claim, with ARGV[8] its TTL in seconds and ARGV[9]
+--         the context entry to append, so such a message costs one round trip in all
 --
 -- Returns {kind, a, b, ctx}:
 --   {"done", record, remaining, reset_us}   answered before: replay it, not counted
 --   {"pending", pttl}             another request holds the claim: wait for its record
 --   {"limited", retry_us, reset_us}
---   {"ok", remaining, reset_us, ctx}
+--   {"ok", remaining, reset_us, ctx}   claimed: answer it, then store the record
+--   {"stored", remaining, reset_us}    admitted and answered (ARGV[7] given)
 -- GCRA as in redis-cell: a request is allowed while TAT - now <= tau; each allowed request
 -- moves TAT on by T. Time is Redis server time, so replicas' clocks do not matter.
 local limit = ARGV[6] == "1"
@@ -47,6 +51,13 @@ if limit then
   reset = new_tat - now
 end
 
+if ARGV[7] and ARGV[7] ~= "" then
+  redis.call("SET", KEYS[1], ARGV[7], "EX", ARGV[8])
+  redis.call("LPUSH", KEYS[3], ARGV[9])
+  redis.call("LTRIM", KEYS[3], 0, 9)
+  redis.call("EXPIRE", KEYS[3], 1800)
+  return {"stored", remaining, reset}
+end
 redis.call("SET", KEYS[1], "P" .. ARGV[3], "PX", ARGV[4])
 local ctx = {}
 if ARGV[5] == "1" then ctx = redis.call("LRANGE", KEYS[3], 0, -1) end

@@ -57,7 +57,7 @@ def record_key(user_id: str, message_id: str) -> str:
 class Admission:
     """The outcome of `Store.admit`."""
 
-    kind: str  # ok | done | pending | limited
+    kind: str  # ok | stored | done | pending | limited
     token: str = ""
     record: dict[str, Any] | None = None
     rate: RateState | None = None
@@ -80,10 +80,24 @@ class Store:
         self._release = redis.register_script(_RELEASE)
 
     async def admit(
-        self, user_id: str, message_id: str, *, want_context: bool, limit: bool = True
+        self,
+        user_id: str,
+        message_id: str,
+        *,
+        want_context: bool,
+        limit: bool = True,
+        answered: tuple[dict[str, Any], dict[str, Any]] | None = None,
     ) -> Admission:
-        """Look up, rate-limit and claim a message; fetch the context when asked."""
+        """Look up, rate-limit and claim a message; fetch the context when asked.
+
+        With `answered` (the record and context entry of an answer known in advance), an
+        admitted message is stored at once (`kind == "stored"`) instead of claimed.
+        """
         token = uuid.uuid4().hex
+        finished: list[str | int | bytes] = []
+        if answered is not None:
+            record, entry = answered
+            finished = [orjson.dumps(record), self.record_ttl, orjson.dumps(entry)]
         res = await self._admit(
             keys=[
                 record_key(user_id, message_id),
@@ -97,6 +111,7 @@ class Store:
                 self.lease_ms,
                 int(want_context),
                 int(limit),
+                *finished,
             ],
         )
         kind = res[0]
@@ -109,6 +124,8 @@ class Store:
             retry, reset = int(res[1]) / 1e6, int(res[2]) / 1e6
             return Admission("limited", rate=RateState(0, reset, retry))
         rate = RateState(int(res[1]), int(res[2]) / 1e6) if limit else None
+        if kind == "stored":
+            return Admission("stored", rate=rate)
         ctx = [orjson.loads(c) for c in reversed(res[3])]
         return Admission("ok", token=token, rate=rate, context=ctx)
 

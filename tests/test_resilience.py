@@ -59,7 +59,13 @@ async def _hammer(url: str, clients: int, seconds: float) -> Counter[int]:
 async def test_replica_killed_under_load_loses_no_request(
     make_stack: Callable[..., Stack],
 ) -> None:
-    stack = make_stack(BOT_RATE_LIMIT="1000/second", BOT_RATE_BURST="1000")
+    # one client address at full speed: open NGINX's per-address guard too
+    stack = make_stack(
+        BOT_RATE_LIMIT="1000/second",
+        BOT_RATE_BURST="1000",
+        BOT_EDGE_RATE="1000000",
+        BOT_EDGE_BURST="1000000",
+    )
     victim = stack.pid("bot-2")
 
     async def kill_later() -> None:

@@ -82,9 +82,12 @@ class BotService:
     async def handle(self, msg: Message) -> Outcome:
         """Answer `msg`, or replay the answer it already had."""
         cmd = commands.parse(msg.text)
+        # An answer that needs nothing but the text (/help, /echo) is stored with the
+        # admission itself: one Redis round trip for the whole message.
+        known = self._known_answer(msg, cmd)
         deadline = time.monotonic() + self.wait_timeout
         while True:
-            adm = await self._admit(msg, cmd)
+            adm = await self._admit(msg, cmd, known)
             if adm.kind != "pending":
                 break
             # Another request (a concurrent duplicate, or NGINX's resend of this one) holds
@@ -109,6 +112,11 @@ class BotService:
                 extra=adm.rate.headers(self.policy),
             )
 
+        if known is not None:  # stored with the admission (or Redis is down: not stored)
+            metrics.MESSAGES.labels(outcome="replied").inc()
+            known.rate = adm.rate
+            return known
+
         try:
             outcome = await self._run(msg, cmd, adm.context)
         except BaseException:
@@ -120,10 +128,27 @@ class BotService:
             await self._finish(msg, outcome)
         return outcome
 
-    async def _admit(self, msg: Message, cmd: commands.Command) -> Admission:
+    def _known_answer(self, msg: Message, cmd: commands.Command) -> Outcome | None:
+        """The answer of a command that needs no state, or None."""
+        if cmd.name == "help":
+            return self._replied(msg, commands.HELP, cached=False)
+        if cmd.name == "echo":
+            if not cmd.args[0]:
+                raise BadRequest("usage: /echo <text>", code="invalid_command")
+            return self._replied(msg, cmd.args[0], cached=False)
+        return None
+
+    async def _admit(self, msg: Message, cmd: commands.Command, known: Outcome | None) -> Admission:
+        answered = None
+        if known is not None:
+            answered = (self._record(known), self._context_entry(msg, known))
         try:
             return await self.store.admit(
-                msg.user_id, msg.message_id, want_context=cmd.name == "ask", limit=self.limit
+                msg.user_id,
+                msg.message_id,
+                want_context=cmd.name == "ask",
+                limit=self.limit,
+                answered=answered,
             )
         except RedisError as exc:
             # Fail open to the per-replica limiter: Redis trouble must not become a 5xx.
@@ -154,13 +179,19 @@ class BotService:
         except RedisError:
             log.warning("claim_release_failed", message_id=msg.message_id)
 
+    @staticmethod
+    def _record(outcome: Outcome) -> dict[str, Any]:
+        """What a replay of this message returns."""
+        return {"status": outcome.status, "body": outcome.body}
+
+    @staticmethod
+    def _context_entry(msg: Message, outcome: Outcome) -> dict[str, Any]:
+        return {"q": msg.text, "a": outcome.body["reply"], "at": _now()}
+
     async def _finish(self, msg: Message, outcome: Outcome) -> None:
-        entry = None
-        if outcome.status == 200:
-            entry = {"q": msg.text, "a": outcome.body["reply"], "at": _now()}
-        record = {"status": outcome.status, "body": outcome.body}
+        entry = self._context_entry(msg, outcome) if outcome.status == 200 else None
         try:
-            await self.store.finish(msg.user_id, msg.message_id, record, entry)
+            await self.store.finish(msg.user_id, msg.message_id, self._record(outcome), entry)
         except RedisError:
             log.warning("record_store_failed", message_id=msg.message_id)
 
@@ -208,12 +239,6 @@ class BotService:
 
     async def _command_reply(self, user_id: str, cmd: commands.Command) -> str:
         match cmd.name:
-            case "help":
-                return commands.HELP
-            case "echo":
-                if not cmd.args[0]:
-                    raise BadRequest("usage: /echo <text>", code="invalid_command")
-                return cmd.args[0]
             case "prefs":
                 prefs = await self.store.prefs(user_id)
                 if not prefs:
