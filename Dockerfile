@@ -22,6 +22,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt
 COPY bot ./bot
 COPY infra ./infra
+# served at GET /v1/openapi.json (bot/api/docs.py reads it beside the package)
+COPY docs/openapi.yaml ./docs/openapi.yaml
 # Editable: the code stays in /app, where infra.runner finds the repo's config folders
 # (compose mounts nginx/, prometheus/ and alertmanager/ beside it).
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps -e .

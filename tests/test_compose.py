@@ -498,3 +498,12 @@ def test_replicas_beyond_three_come_from_one_generated_override(tmp_path: Path) 
     resolved = _resolved(tmp_path, "BOT_REPLICAS=5\n", "-f", str(override))
     assert resolved["config"]["environment"]["BOT_REPLICAS"] == "5"
     assert {f"bot-{i}" for i in range(1, 6)} <= set(resolved["nginx"]["depends_on"])
+
+
+def test_image_carries_the_openapi_document() -> None:
+    """`GET /v1/openapi.json` reads docs/openapi.yaml beside the package at run time."""
+    from bot.api.docs import OPENAPI_PATH
+
+    assert OPENAPI_PATH.relative_to(ROOT).as_posix() == "docs/openapi.yaml"
+    assert "COPY docs/openapi.yaml ./docs/openapi.yaml" in (ROOT / "Dockerfile").read_text()
+    assert "!docs/openapi.yaml" in (ROOT / ".dockerignore").read_text().splitlines()
