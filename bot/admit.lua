@@ -8,7 +8,8 @@
 -- ARGV[5] 1 to return the context list          ARGV[6] 1 to apply the limit
 -- ARGV[7] the finished record, when the answer was known before admission (/help, /echo):
 --         stored at once instead of a claim, with ARGV[8] its TTL in seconds and ARGV[9]
---         the context entry to append, so such a message costs one round trip in all
+--         the context entry to append (the list kept to ARGV[10] entries for ARGV[11]
+--         seconds), so such a message costs one round trip in all
 --
 -- Returns {kind, a, b, ctx}:
 --   {"done", record, remaining, reset_us}   answered before: replay it, not counted
@@ -54,8 +55,8 @@ end
 if ARGV[7] and ARGV[7] ~= "" then
   redis.call("SET", KEYS[1], ARGV[7], "EX", ARGV[8])
   redis.call("LPUSH", KEYS[3], ARGV[9])
-  redis.call("LTRIM", KEYS[3], 0, 9)
-  redis.call("EXPIRE", KEYS[3], 1800)
+  redis.call("LTRIM", KEYS[3], 0, tonumber(ARGV[10]) - 1)
+  redis.call("EXPIRE", KEYS[3], ARGV[11])
   return {"stored", remaining, reset}
 end
 redis.call("SET", KEYS[1], "P" .. ARGV[3], "PX", ARGV[4])

@@ -97,7 +97,13 @@ class Store:
         finished: list[str | int | bytes] = []
         if answered is not None:
             record, entry = answered
-            finished = [orjson.dumps(record), self.record_ttl, orjson.dumps(entry)]
+            finished = [
+                orjson.dumps(record),
+                self.record_ttl,
+                orjson.dumps(entry),
+                CONTEXT_SIZE,
+                CONTEXT_TTL,
+            ]
         res = await self._admit(
             keys=[
                 record_key(user_id, message_id),
