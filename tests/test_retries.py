@@ -466,3 +466,41 @@ async def test_redis_outage_delays_jobs_and_dead_letters_none(
     assert {r.kind for r in replies} == {"answer"}  # no apology: nothing gave up
     assert dead == []
     assert {r: dead_letter_count(r) for r in metrics.DEAD_REASONS} == dead_before
+
+
+async def test_job_redelivered_up_to_the_limit_is_parked_with_reason_and_apology(
+    redis_url: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job handed back unacked again and again (workers dying on it) is parked by the
+    worker, with its reason and the user's apology, before the broker's delivery limit
+    would drop it in the dead-letter queue silently."""
+    monkeypatch.setattr(topology, "WORK_DELIVERY_LIMIT", 3)
+    settings = settings_for(redis_url)  # queues of its own: declared with the lower limit
+    inbox, upstream, j = Inbox(redis), Answers(), job()
+    try:
+        hand = Broker(settings, "test-hand")  # a worker that dies on every delivery
+        await hand.start()
+        assert await hand.wait_declared(30)
+        await hand.publish(encode(j, 0.0), hand.topology.work, message_id=j.message_id)
+        work = hand.queues[hand.topology.work]
+        for _ in range(3):
+            msg = await work.get(no_ack=False, timeout=5)
+            await msg.nack(requeue=True)
+        await hand.close()
+        before = dead_letter_count("redelivered")
+        async with running_worker(settings, inbox, upstream) as wb:
+            replies = await wait_inbox(inbox, j.user_id, 1, timeout=15)
+            dead: list[aio_pika.abc.AbstractIncomingMessage] = []
+            deadline = time.monotonic() + 10
+            while not dead and time.monotonic() < deadline:
+                dead = await dead_letters(wb)
+    finally:
+        conn = await aio_pika.connect(AMQP_URL, timeout=5)
+        async with conn:
+            channel = await conn.channel()
+            await delete(channel, settings.queue_prefix, Topology.from_settings(settings).levels)
+    assert [(r.message_id, r.reply) for r in replies] == [(j.message_id, APOLOGY)]
+    assert upstream.questions == []
+    assert [decode(m.body)[0].message_id for m in dead] == [j.message_id]
+    assert str((dead[0].headers or {}).get("reason")).startswith("redelivered: delivered 4 times")
+    assert dead_letter_count("redelivered") - before == 1
