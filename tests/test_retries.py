@@ -455,7 +455,12 @@ async def test_redis_outage_delays_jobs_and_dead_letters_none(
             await asyncio.sleep(4)  # 8 put-backs each; the old nack loop burned 3 deliveries
             assert upstream.questions == []  # nothing answered without Redis
             private.start()
+            back = time.monotonic()
             replies = await wait_inbox(inbox, user, len(jobs))
+            print(
+                f"redis outage: {len(replies)}/{len(jobs)} answered "
+                f"{time.monotonic() - back:.2f}s after Redis returned"
+            )
             await asyncio.sleep(0.5)  # a duplicate would show up now
             replies, _ = await inbox.page(user)
             dead = await dead_letters(wb)
