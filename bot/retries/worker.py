@@ -99,10 +99,13 @@ class Worker:
         return None
 
     async def _await_redis(self, stop: asyncio.Event) -> None:
-        """Hold consumption until Redis answers a PING (or `stop`)."""
+        """Hold consumption until Redis answers a PING (or `stop`), and at least as long as
+        the jobs put back are away: a Redis that answers PING but refuses writes (full) must
+        not turn into a loop that takes and puts back the same jobs as fast as it can."""
         log.warning("worker_paused", dependency="redis")
         metrics.DEPENDENCY_UP.labels(dependency="redis").set(0)
         paused = time.monotonic()
+        await _first(stop.wait(), asyncio.sleep(_INFRA_PAUSE))
         while not stop.is_set():
             try:
                 async with asyncio.timeout(1.0):
