@@ -509,3 +509,43 @@ async def test_job_redelivered_up_to_the_limit_is_parked_with_reason_and_apology
     assert [decode(m.body)[0].message_id for m in dead] == [j.message_id]
     assert str((dead[0].headers or {}).get("reason")).startswith("redelivered: delivered 4 times")
     assert dead_letter_count("redelivered") - before == 1
+
+
+async def test_full_redis_holds_jobs_without_spinning_and_loses_none(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A Redis that answers reads and PING but refuses writes (maxmemory, noeviction): the
+    worker cannot store replies, so the jobs wait, a few attempts each rather than a hot
+    loop, and all are answered once when Redis takes writes again."""
+    private = PrivateRedis(tmp_path / "redis", appendonly=False)
+    private.start()
+    # A backlog several times the prefetch: a worker that resumed at once after each failure
+    # would take every one of them round again and again.
+    settings = replace(settings, redis_url=private.url, retry_prefetch=2)
+    client = make_redis(settings)
+    inbox, upstream, user = Inbox(client), Answers(), unique("u")
+    jobs = [Job(f"f-{i}", user, f"while Redis is full {i}?", []) for i in range(10)]
+    try:
+        await client.set("ballast", "x" * 200_000)
+        used = int((await client.info("memory"))["used_memory"])
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", str(used - 100_000))
+        with pytest.raises(RedisError):
+            await client.set("one-more", "x")  # the Redis is full
+        async with running_worker(settings, inbox, upstream) as wb:
+            for j in jobs:
+                await wb.publish(encode(j, 0.0), wb.topology.work, message_id=j.message_id)
+            await asyncio.sleep(4)
+            attempts = len(upstream.questions)
+            await client.config_set("maxmemory", "0")
+            replies = await wait_inbox(inbox, user, len(jobs))
+            await asyncio.sleep(0.5)
+            replies, _ = await inbox.page(user)
+            dead = await dead_letters(wb)
+    finally:
+        await client.aclose()
+        private.stop()
+    print(f"full redis: {attempts} upstream calls for {len(jobs)} jobs in 4 s")
+    assert 1 <= attempts <= 12  # about the prefetch per pause, not the whole backlog each time
+    assert sorted(r.message_id for r in replies) == sorted(j.message_id for j in jobs)
+    assert dead == []
