@@ -9,10 +9,10 @@ from aiohttp import web
 
 from bot import metrics
 from bot.api.keys import SERVICE
-from bot.api.middleware import REQUEST_ID, require_json
+from bot.api.middleware import REQUEST_ID, authorize_user, require_json
 from bot.api.render import json_response
 from bot.core.validation import parse_message
-from bot.errors import BadRequest, PayloadTooLarge
+from bot.errors import BadRequest, Forbidden, PayloadTooLarge
 
 MAX_BODY = 64 * 1024
 
@@ -35,7 +35,8 @@ async def post_message(request: web.Request) -> web.Response:
     try:
         payload = await read_json(request)
         msg = parse_message(payload, request[REQUEST_ID])
-    except BadRequest:
+        authorize_user(request, msg.user_id)
+    except (BadRequest, Forbidden):
         metrics.MESSAGES.labels(outcome="rejected").inc()
         raise
     service = request.app[SERVICE]
