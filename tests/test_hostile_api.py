@@ -182,6 +182,11 @@ ODD_REQUESTS = [
     send_json(b"/v1/messages", b"\xef\xbb\xbf{}"),
     send_json(b"/v1/messages", b"{}", b"application/json; charset=latin-1; x=\xff"),
     send_json(b"/v1/messages?x=%FF", b"[]"),
+    # a corrupt compressed body failed aiohttp's inflating read: 500
+    send_json(b"/v1/messages", b"not gzip").replace(b"Host:", b"Content-Encoding: gzip\r\nHost:"),
+    send_json(b"/v1/users/u1/prefs", b"xx")
+    .replace(b"POST", b"PUT", 1)
+    .replace(b"Host:", b"Content-Encoding: deflate\r\nHost:"),
     send_json(b"/v1/users/u1/prefs/k", b"{}").replace(b"POST", b"PATCH", 1),
 ]
 
@@ -480,6 +485,23 @@ async def test_long_polls_beyond_max_inflight_leave_messages_and_health_alone(
         for url in (f"{stack.url}/healthz", f"{stack.replica_url(1)}/healthz"):
             assert (await http.get(url)).status == 200
         assert (await http.get(f"{stack.replica_url(1)}/readyz")).status == 200
+        # requests that do take the 4 slots (slow questions) shed others, never the probes
+        stack.faults(latency_ms=1500)
+        replica = stack.replica_url(1)
+        questions = [
+            asyncio.create_task(
+                http.post(
+                    f"{replica}/v1/messages", json={"user_id": unique(), "text": f"q {unique()}?"}
+                )
+            )
+            for _ in range(8)
+        ]
+        await asyncio.sleep(0.5)
+        for probe in ("/healthz", "/readyz"):
+            assert (await http.get(replica + probe)).status == 200, probe
+        assert not all(q.done() for q in questions)
+        shed = [r.status for r in await asyncio.gather(*questions)]
+        assert 503 in shed and set(shed) <= {200, 202, 503}, shed
         # a user's third long poll is its own doing: 429; a thirteenth on the replica: 503
         status, body, _ = await poll(users[0], 5)
         assert status == 429 and body["error"]["code"] == "too_many_long_polls", body

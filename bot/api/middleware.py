@@ -39,8 +39,8 @@ from bot.settings import ApiKey, IpNetwork, Settings
 
 log = get_logger(__name__)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
-REQUEST_ID = "request_id"
-API_KEY = "api_key"  # the ApiKey a request presented (when keys are set)
+REQUEST_ID = web.RequestKey("request_id", str)
+API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request presented (when keys are set)
 _PROBES = frozenset(("/healthz", "/readyz"))
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
