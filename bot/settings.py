@@ -6,6 +6,7 @@ the variable; the CLI turns that into one clear line and exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -64,17 +65,15 @@ class ApiKey:
     the comparison takes the same time whatever was presented.
     """
 
-    key: str
+    key: str = dataclasses.field(repr=False)  # a secret: never in a repr, hence a log line
     prefix: str = ""
+    digest: bytes = dataclasses.field(init=False, repr=False, compare=False)
+    ident: str = dataclasses.field(init=False, compare=False)  # its name in Redis; not secret
 
-    @property
-    def digest(self) -> bytes:
-        return hashlib.sha256(self.key.encode()).digest()
-
-    @property
-    def ident(self) -> str:
-        """A short, stable name for the key in Redis and logs (never the key itself)."""
-        return self.digest.hex()[:16]
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(self.key.encode()).digest()
+        object.__setattr__(self, "digest", digest)
+        object.__setattr__(self, "ident", digest.hex()[:16])
 
     def allows(self, user_id: str) -> bool:
         return user_id.startswith(self.prefix)
