@@ -161,7 +161,7 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
             get("LOAD_PROMETHEUS_URL", str, f"http://127.0.0.1:{stack.prometheus_port}"),
             "LOAD_PROMETHEUS_URL",
         ),
-        api_key=get("LOAD_API_KEY", str, api_keys[0] if api_keys else ""),
+        api_key=get("LOAD_API_KEY", str, api_keys[0].key if api_keys else ""),
         users=get("LOAD_USERS", int, defaults.get("users", 30)),
         spawn_rate=get("LOAD_SPAWN_RATE", float, 10.0),
         duration=get("LOAD_DURATION", float, defaults.get("duration", 60.0)),
