@@ -16,6 +16,17 @@ from bot.settings import Settings, load_settings, merged_environ
 
 SCENARIOS = ("steady", "spike", "ramp", "abuse", "outage", "soak", "hostile")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# The hostile scenario's clients (loadtests/hostile.py), each from its own address.
+HOSTILE_KINDS = (
+    "bad_params",
+    "long_polls",
+    "duplicates",
+    "malformed",
+    "big_headers",
+    "odd_methods",
+    "rotating_ids",
+    "slow_bodies",
+)
 
 
 class ConfigError(ValueError):
@@ -62,6 +73,7 @@ class LoadConfig:
     spike_rise: float
     spike_hold: float
     spike_recovery: float
+    spike_between: float  # seconds at the baseline between the hold and the overload
     spike_overload: float  # seconds of the phase past the stack's capacity (0: none)
     spike_overload_users: int  # closed-loop users of that phase
     hostile_calm: float  # hostile: seconds of well-behaved traffic alone, before and after
@@ -69,6 +81,7 @@ class LoadConfig:
     hostile_rate: float  # hostile: requests/s of each paced hostile client
     hostile_duplicates: int  # hostile: concurrent copies of one message_id in a flood
     hostile_slow_bodies: int  # hostile: concurrent clients dribbling their bodies
+    hostile_kinds: tuple[str, ...]  # hostile: which kinds of hostile client run (empty: all)
     ramp_step_users: int
     ramp_step_seconds: float
     ramp_max_users: int
@@ -143,6 +156,14 @@ def _loopback(url: str, name: str) -> str:
     return url.rstrip("/")
 
 
+def _hostile_kinds(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    unknown = sorted(set(names) - set(HOSTILE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown {', '.join(unknown)}; of {', '.join(HOSTILE_KINDS)}")
+    return names
+
+
 def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> LoadConfig:
     """Build the configuration of one scenario run."""
     if scenario not in SCENARIOS:
@@ -188,6 +209,7 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
         spike_rise=get("LOAD_SPIKE_RISE", float, 10.0),
         spike_hold=get("LOAD_SPIKE_HOLD", float, 30.0),
         spike_recovery=get("LOAD_SPIKE_RECOVERY", float, 20.0),
+        spike_between=get("LOAD_SPIKE_BETWEEN", float, 10.0),
         spike_overload=get("LOAD_SPIKE_OVERLOAD", float, 20.0),
         # Three times what the stack can hold in flight: past capacity whatever its speed.
         spike_overload_users=get(
@@ -198,6 +220,7 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
         hostile_rate=get("LOAD_HOSTILE_RATE", float, 20.0),
         hostile_duplicates=get("LOAD_HOSTILE_DUPLICATES", int, 50),
         hostile_slow_bodies=get("LOAD_HOSTILE_SLOW_BODIES", int, 20),
+        hostile_kinds=get("LOAD_HOSTILE_KINDS", _hostile_kinds, ()),
         ramp_step_users=get("LOAD_RAMP_STEP_USERS", int, 50),
         ramp_step_seconds=get("LOAD_RAMP_STEP_SECONDS", float, 10.0),
         ramp_max_users=get("LOAD_RAMP_MAX_USERS", int, 1000),

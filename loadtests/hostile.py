@@ -29,7 +29,7 @@ import gevent
 import orjson
 from gevent.pool import Group
 
-from loadtests.config import LoadConfig
+from loadtests.config import HOSTILE_KINDS, LoadConfig
 from loadtests.tally import Tally
 
 # Outcome names (beside `hostile:<kind>:<status>` per kind).
@@ -39,6 +39,7 @@ SERVER_ERROR = "hostile_5xx"  # a 5xx that is not a 503 with Retry-After (500 ab
 BAD_ERROR = "hostile_bad_error"  # an error that is not JSON per the contract, or 405 w/o Allow
 CLOSED = "hostile_closed"  # the connection ended without an answer
 LONG_POLLS_HELD = "hostile_long_polls_held"  # `wait=30` polls the stack held open >= 5 s
+POLLS_OPEN_PEAK = "hostile_long_polls_open_peak"  # a note: most long polls open at once
 
 MAX_READ = 1 << 20
 SLOW_BODY_SECONDS = 5.0  # a slow-body client takes this long to send its body
@@ -163,19 +164,21 @@ class HostileClients:
         self.auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         self.group = Group()
         self.kinds: dict[str, tuple[str, Callable[[str], None]]] = {}
-        # One loopback address per kind: NGINX sees distinct clients.
-        kinds: list[tuple[str, Callable[[str], None]]] = [
-            ("bad_params", self._bad_params),
-            ("long_polls", self._long_polls),
-            ("duplicates", self._duplicates),
-            ("malformed", self._malformed),
-            ("big_headers", self._big_headers),
-            ("odd_methods", self._odd_methods),
-            ("rotating_ids", self._rotating_ids),
-            ("slow_bodies", self._slow_bodies),
-        ]
-        for i, (kind, run) in enumerate(kinds):
-            self.kinds[kind] = (f"127.0.0.{i + 2}", run)
+        runs: dict[str, Callable[[str], None]] = {
+            "bad_params": self._bad_params,
+            "long_polls": self._long_polls,
+            "duplicates": self._duplicates,
+            "malformed": self._malformed,
+            "big_headers": self._big_headers,
+            "odd_methods": self._odd_methods,
+            "rotating_ids": self._rotating_ids,
+            "slow_bodies": self._slow_bodies,
+        }
+        # One loopback address per kind (the same whichever run): NGINX sees distinct clients.
+        for i, kind in enumerate(HOSTILE_KINDS):
+            if not cfg.hostile_kinds or kind in cfg.hostile_kinds:
+                self.kinds[kind] = (f"127.0.0.{i + 2}", runs[kind])
+        self.polls_open = 0
 
     @property
     def addresses(self) -> list[str]:
@@ -184,6 +187,15 @@ class HostileClients:
     def start(self) -> None:
         for kind, (addr, run) in self.kinds.items():
             self.group.spawn(self._guard, kind, addr, run)
+        self.group.spawn(self._count_polls)
+
+    def _count_polls(self) -> None:
+        """The peak of long polls open at once (a poll held 30 s never completes in a
+        short attack, so counting completions would not show them)."""
+        while True:
+            peak = self.tally.notes.get(POLLS_OPEN_PEAK, 0)
+            self.tally.notes[POLLS_OPEN_PEAK] = max(peak, self.polls_open)
+            gevent.sleep(0.5)
 
     def stop(self) -> None:
         self.group.kill(block=True, timeout=10)
@@ -283,7 +295,11 @@ class HostileClients:
         refusals = 0
         while True:
             started = time.monotonic()
-            answer = self.send("long_polls", addr, payload, timeout=40)
+            self.polls_open += 1
+            try:
+                answer = self.send("long_polls", addr, payload, timeout=40)
+            finally:
+                self.polls_open -= 1
             if answer.status == 200 and time.monotonic() - started >= 5:
                 self.tally.count(self.phase(), LONG_POLLS_HELD)
                 refusals = 0

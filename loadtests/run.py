@@ -148,7 +148,8 @@ def render(summary: dict[str, Any]) -> str:
                 f"p99 {w['p99_ms']:.0f} ms"
             )
         lines.append(
-            f"  hostile: {h['requests']} requests, {h['long_polls_held']} long polls held, "
+            f"  hostile: {h['requests']} requests, {h['long_polls_open_peak']} long polls open "
+            f"at the peak, {h['long_polls_held']} held >= 5 s, "
             f"{h['closed_without_answer']} closed without an answer"
         )
         for kind, by_status in sorted(h["by_kind"].items()):

@@ -53,11 +53,14 @@ class Steady(Plan):
 
 
 class Spike(Plan):
-    """Baseline, then `spike_factor` times the users within `spike_rise`, held; then an
-    `overload` of closed-loop users past the stack's capacity; then back to the baseline.
+    """Baseline, then `spike_factor` times the users within `spike_rise`, held, and back
+    (`between`); then an `overload` of closed-loop users past the stack's capacity; then
+    the baseline again (`recovery`).
 
     The hold is a spike the stack absorbs; the overload is one it cannot, so that the run
-    shows how it sheds and how fast it recovers once the surge ends.
+    shows how it sheds and how fast it recovers once the surge ends. (The baseline between
+    them is also what lets locust add the surge: it adds `fixed_count` users only after it
+    removed some.)
     """
 
     def at(self, t: float) -> Step | None:
@@ -65,29 +68,32 @@ class Spike(Plan):
         base = c.users
         peak = max(base + 1, round(base * c.spike_factor))
         rise_rate = (peak - base) / max(1.0, c.spike_rise)
-        t1 = c.spike_baseline
-        t2 = t1 + c.spike_rise
-        t3 = t2 + c.spike_hold
-        t4 = t3 + c.spike_overload
-        t5 = t4 + c.spike_recovery
-        if t < t1:
-            return Step(base, c.spawn_rate, "baseline")
-        if t < t2:
-            return Step(peak, rise_rate, "rise")
-        if t < t3:
-            return Step(peak, rise_rate, "hold")
-        if t < t4:
-            # The surge arrives within two seconds: a spike, not a ramp.
+        down_rate = max(rise_rate, 100.0)
+        plan = [
+            (c.spike_baseline, Step(base, c.spawn_rate, "baseline")),
+            (c.spike_rise, Step(peak, rise_rate, "rise")),
+            (c.spike_hold, Step(peak, rise_rate, "hold")),
+        ]
+        if c.spike_overload:
             surge = c.spike_overload_users
-            return Step(base, max(rise_rate, surge / 2), OVERLOAD, surge=surge)
-        if t < t5:
-            return Step(base, max(rise_rate, 100.0), RECOVERY)
+            plan += [
+                (c.spike_between, Step(base, down_rate, "between")),
+                # The surge arrives within two seconds: a spike, not a ramp.
+                (c.spike_overload, Step(base, max(down_rate, surge / 2), OVERLOAD, surge=surge)),
+            ]
+        plan.append((c.spike_recovery, Step(base, down_rate, RECOVERY)))
+        end = 0.0
+        for seconds, step in plan:
+            end += seconds
+            if t < end:
+                return step
         return None
 
     @property
     def length(self) -> float:
         c = self.cfg
-        return c.spike_baseline + c.spike_rise + c.spike_hold + c.spike_overload + c.spike_recovery
+        total = c.spike_baseline + c.spike_rise + c.spike_hold + c.spike_recovery
+        return total + (c.spike_between + c.spike_overload if c.spike_overload else 0.0)
 
 
 class Ramp(Plan):
