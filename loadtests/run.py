@@ -246,7 +246,7 @@ def _warn_edge_guard(cfg: LoadConfig) -> None:
         print(
             f"loadtest: the overload holds {conns} connections from one address, over NGINX's "
             f"BOT_EDGE_CONN={cfg.stack.edge_conn}: its 429s will reach the users too. Run it "
-            f"against a smaller stack (BOT_REPLICAS=1 BOT_MAX_INFLIGHT=32) or set "
+            f"against a smaller stack (BOT_REPLICAS=2 BOT_MAX_INFLIGHT=16) or set "
             f"LOAD_SPIKE_OVERLOAD_USERS",
             file=sys.stderr,
         )

@@ -102,7 +102,9 @@ def recovery_seconds(tally: Tally, obj: Objectives) -> float | None:
     end = overload[1]
     good_from: int | None = None
     for sec in range(int(end), int(recovery[1]) + 1):
-        _, bad, p99 = tally.second_figures(sec)
+        good, bad, p99 = tally.second_figures(sec)
+        if not good + bad:
+            continue  # a second without answers tells nothing
         if bad or p99 > obj.recovery_p99_ms:
             good_from = None
         elif good_from is None:
