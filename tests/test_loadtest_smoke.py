@@ -268,8 +268,8 @@ def test_hostile_clients_leave_well_behaved_users_unharmed(
         **os.environ,
         **stack.env,
         "BOT_DOTENV": "/dev/null",
-        "LOAD_HOSTILE_CALM": "5",
-        "LOAD_DURATION": "15",
+        "LOAD_HOSTILE_CALM": "4",
+        "LOAD_DURATION": "14",
         "LOAD_P99_MS": "5000",
         "LOAD_REPORT_DIR": str(tmp_path),
     }
