@@ -357,7 +357,9 @@ class ScenarioShape(LoadTestShape):
             self.hostile.start()
             TALLY.notes["hostile_addresses"] = self.hostile.addresses
         elif not on and self.hostile is not None:
+            started = time.monotonic()
             self.hostile.stop()
+            TALLY.notes["hostile_stop_seconds"] = round(time.monotonic() - started, 2)
             self.hostile = None
 
 

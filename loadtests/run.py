@@ -150,7 +150,8 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(
             f"  hostile: {h['requests']} requests, {h['long_polls_open_peak']} long polls open "
             f"at the peak, {h['long_polls_held']} held >= 5 s, "
-            f"{h['closed_without_answer']} closed without an answer"
+            f"{h['closed_without_answer']} closed without an answer, all stopped in "
+            f"{h['stop_seconds']} s"
         )
         for kind, by_status in sorted(h["by_kind"].items()):
             statuses = ", ".join(f"{s}: {n}" for s, n in sorted(by_status.items()))

@@ -388,6 +388,7 @@ def hostile_figures(tally: Tally) -> dict[str, Any]:
         "closed_without_answer": tally.total(hostile.CLOSED),
         "long_polls_held": tally.total(hostile.LONG_POLLS_HELD),
         "long_polls_open_peak": tally.notes.get(hostile.POLLS_OPEN_PEAK, 0),
+        "stop_seconds": tally.notes.get("hostile_stop_seconds"),
         "by_kind": kinds,
         "well_behaved": {
             name: {k: f[k] for k in ("requests", "success_share", "p50_ms", "p99_ms")}
