@@ -3,20 +3,35 @@ what the runner and the test suite may touch (process users, Redis limits, claim
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
+import requests
 
+from bot.store import record_key
 from tests.support import (
     REDIS_HOST,
     REDIS_PORT,
+    HoldingProxy,
+    PrivateRedis,
     Stack,
     claim_redis_db,
+    free_port,
+    pid_of_client_port,
+    post,
     release_redis_db,
+    running_stack,
+    stack_dir,
     unique,
 )
 
@@ -41,6 +56,277 @@ def access_entries(stack: Stack, **match: Any) -> list[dict[str, Any]]:
     """NGINX's access log entries with these fields, once it has flushed (every second)."""
     time.sleep(1.2)
     return [e for e in stack.access_log() if all(e.get(k) == v for k, v in match.items())]
+
+
+# ------------------------------------------------------------------ NGINX's own errors: JSON
+
+CHUNKED = "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+NGINX_ERRORS: list[tuple[str, bytes, int, str]] = [
+    ("garbage request line", b"GARBAGE\r\n\r\n", 400, "bad_request"),
+    ("bad content length", b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n", 400,
+     "bad_request"),
+    ("malformed chunked body", (CHUNKED + "Transfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n").encode(),
+     400, "bad_request"),
+    ("unknown route", b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404,
+     "not_found"),
+    ("TRACE", b"TRACE /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
+    ("body over 64 KiB", (CHUNKED + "Content-Length: 70000\r\n\r\n").encode(), 413,
+     "payload_too_large"),
+    ("huge URI", b"GET /v1/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414,
+     "uri_too_long"),
+    ("huge header", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+     431, "request_header_too_large"),
+    ("unknown transfer encoding", (CHUNKED + "Transfer-Encoding: gzip\r\n\r\n").encode(), 501,
+     "not_implemented"),
+    ("HTTP/2.0 request line", b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", 505,
+     "http_version_not_supported"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [case[1:] for case in NGINX_ERRORS],
+    ids=[case[0] for case in NGINX_ERRORS],
+)
+def test_every_error_nginx_answers_itself_is_json(
+    stack: Stack, request_bytes: bytes, status: int, code: str
+) -> None:
+    got, headers, body = raw(stack, request_bytes)
+    assert got == status, body
+    assert headers["content-type"] == "application/json"
+    error = orjson.loads(body)["error"]
+    assert error["code"] == code and error["message"]
+    if status == 405:
+        assert "POST" in headers["allow"]
+
+
+def test_a_client_trickling_its_body_is_cut_off_in_seconds_not_a_minute(stack: Stack) -> None:
+    """A slow-body client holds a connection for client_body_timeout (10 s), then NGINX logs a
+    408 and closes it (NGINX sends no answer on a timed-out connection)."""
+    marker = unique("slow")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", stack.settings.public_port), 60) as s:
+        s.sendall(
+            f"POST /v1/messages?{marker} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            '\r\nContent-Length: 100\r\n\r\n{"user_id"'.encode()
+        )
+        while s.recv(65536):
+            pass
+    assert time.monotonic() - started < 30
+    entries = [e for e in access_entries(stack, uri="/v1/messages") if e["status"] == 408]
+    assert entries, "no 408 logged"
+
+
+def test_nginx_429_and_502_are_json_and_a_replicas_429_and_probes_pass_untouched(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(
+        BOT_REPLICAS="1",
+        BOT_EDGE_RATE="1",
+        BOT_EDGE_BURST="1",
+        BOT_RATE_LIMIT="1/minute",
+        BOT_RATE_BURST="0",
+    )
+    user = unique()
+    time.sleep(2.1)  # the per-address bucket is full again
+    assert post(stack.url + "/v1/messages", {"user_id": user, "text": "/help"}).ok
+    time.sleep(2.1)
+    own = post(stack.url + "/v1/messages", {"user_id": user, "text": "/help"})
+    # The replica's own 429 passes through NGINX as it is, with its RateLimit headers.
+    assert own.status_code == 429 and "RateLimit-Policy" in own.headers, own.headers
+    statuses = Counter[int]()
+    for _ in range(10):
+        r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/help"})
+        statuses[r.status_code] += 1
+        if r.status_code == 429:
+            assert r.json()["error"] == {
+                "code": "rate_limited",
+                "message": "too many requests from this address",
+            }
+            assert r.headers["Retry-After"] == "1"
+            assert "RateLimit-Policy" not in r.headers
+    assert statuses[429] >= 5, statuses
+    # Probes are never limited by the per-address guard.
+    probes = [requests.get(stack.url + path, timeout=5).status_code for path in ["/healthz"] * 20]
+    assert probes == [200] * 20
+    assert requests.get(stack.url + "/readyz", timeout=5).status_code == 200
+    # No replica left: NGINX's 502, as JSON, with the request id it logged.
+    stack.ctl("stop", "bot-1")
+    time.sleep(2.1)
+    r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/help"})
+    assert r.status_code == 502 and r.headers["Content-Type"] == "application/json"
+    assert r.json()["error"]["code"] == "bad_gateway" and r.headers["Retry-After"] == "1"
+    [entry] = access_entries(stack, request_id=r.headers["X-Request-ID"])
+    assert entry["status"] == 502
+
+
+# -------------------------------------- a replica's 503 is an answer, never a failed replica
+
+
+@pytest.fixture(scope="module")
+def shedding(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, PrivateRedis]]:
+    """Three replicas that shed beyond 4 requests each, on a Redis the tests may stop."""
+    store = PrivateRedis(tmp_path_factory.mktemp("shed-redis"))
+    store.start()
+    try:
+        with (
+            stack_dir() as base,
+            running_stack(
+                base,
+                0,
+                REDIS_URL=store.url,
+                BOT_MAX_INFLIGHT="4",
+                BOT_UPSTREAM_TIMEOUT="15",
+                BOT_RATE_LIMIT="1000/second",
+                BOT_RATE_BURST="1000",
+            ) as stack,
+        ):
+            yield stack, store
+    finally:
+        store.stop()
+
+
+def test_replicas_answering_503_stay_in_rotation_for_everyone_else(
+    shedding: tuple[Stack, PrivateRedis],
+) -> None:
+    """With Redis down every replica answers prefs with 503 while /help still works; a loop
+    of such requests used to mark every replica failed, and /help got 502 from NGINX."""
+    stack, store = shedding
+    store.stop()
+    try:
+        hostile, helped = Counter[int](), Counter[int]()
+        deadline = time.monotonic() + 4
+
+        def hammer() -> None:
+            with requests.Session() as s:
+                while time.monotonic() < deadline:
+                    hostile[s.get(stack.url + "/v1/users/u1/prefs", timeout=10).status_code] += 1
+
+        def ask_help() -> None:
+            with requests.Session() as s:
+                while time.monotonic() < deadline:
+                    body = {"user_id": unique(), "text": "/help"}
+                    r = s.post(stack.url + "/v1/messages", json=body, timeout=10)
+                    helped[r.status_code] += 1
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=hammer) for _ in range(2)]
+        threads.append(threading.Thread(target=ask_help))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        store.start()
+    assert set(hostile) == {503} and hostile[503] > 50, hostile
+    assert set(helped) == {200} and helped[200] >= 20, helped
+
+
+def test_a_shed_post_is_tried_once_more_on_another_replica_with_its_body(
+    shedding: tuple[Stack, PrivateRedis],
+) -> None:
+    stack, _ = shedding
+    stack.reset_stub()
+    stack.faults(latency_ms=4000)
+    url = stack.replica_url(1) + "/v1/messages"
+    # Replica 1's four slots are taken by slow questions sent to it directly (NGINX does not
+    # count them: least_conn still sends it its share).
+    hogs = [
+        threading.Thread(target=post, args=(url, {"user_id": unique(), "text": f"slow {unique()}"}))
+        for _ in range(4)
+    ]
+    try:
+        for t in hogs:
+            t.start()
+        time.sleep(1)
+        texts = [unique("echo") for _ in range(12)]
+        with requests.Session() as s:
+            answers = [
+                s.post(
+                    stack.url + "/v1/messages",
+                    json={"user_id": unique(), "text": f"/echo {text}"},
+                    timeout=10,
+                )
+                for text in texts
+            ]
+        assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers]
+        assert [a.json()["reply"] for a in answers] == texts
+        rerouted = [
+            e
+            for e in access_entries(stack, uri="/v1/messages")
+            if e["upstream_status"] == "503 : 200"
+        ]
+        shed_port = str(stack.settings.replica_port(1))
+        assert rerouted and all(
+            e["upstream_addr"].split(" : ")[0].endswith(shed_port) for e in rerouted
+        )
+    finally:
+        for t in hogs:
+            t.join()
+        stack.reset_stub()
+
+
+# ---------------------------------------------------------- one request id for every attempt
+
+
+def test_an_invalid_client_request_id_becomes_the_one_id_nginx_logs_and_the_replica_uses(
+    stack: Stack,
+) -> None:
+    bad = "not an id!"
+    r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/help"},
+             headers={"X-Request-ID": bad})  # fmt: skip
+    rid = r.headers["X-Request-ID"]
+    assert r.ok and rid != bad and r.json()["message_id"] == rid
+    assert [e["status"] for e in access_entries(stack, request_id=rid)] == [200]
+    good = unique("rid")
+    r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/help"},
+             headers={"X-Request-ID": good})  # fmt: skip
+    assert r.headers["X-Request-ID"] == good == r.json()["message_id"]
+
+
+def test_a_resend_after_a_replica_dies_keeps_the_id_nginx_chose_for_an_invalid_one(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """A message without message_id and with an X-Request-ID the replicas refuse: the replica
+    that claimed it dies, NGINX resends it, and the second replica sees the same id: one
+    upstream call, one message_id, the one NGINX logged."""
+    proxy_port = free_port()
+    stack = make_stack(
+        BOT_REPLICAS="2", UPSTREAM_URL=f"http://127.0.0.1:{proxy_port}", BOT_UPSTREAM_TIMEOUT="1"
+    )
+    proxy = HoldingProxy(stack.settings.stub_port, port=proxy_port)
+    try:
+        stack.reset_stub()
+        proxy.hold.set()
+        result: dict[str, requests.Response] = {}
+        body = {"user_id": unique(), "text": f"who are you {unique()}?"}
+
+        def send() -> None:
+            result["r"] = post(stack.url + "/v1/messages", body, timeout=40,
+                               headers={"X-Request-ID": "bad id"})  # fmt: skip
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        deadline = time.monotonic() + 10
+        while not proxy.held and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proxy.held, "no replica asked the upstream"
+        os.kill(pid_of_client_port(proxy.held[0]), signal.SIGKILL)
+        time.sleep(0.3)
+        proxy.hold.clear()
+        sender.join(timeout=40)
+        r = result["r"]
+        assert r.status_code == 200, r.text
+        rid = r.headers["X-Request-ID"]
+        assert r.json()["message_id"] == rid != "bad id"
+        assert stack.stub_stats()["calls"] == 1
+        [entry] = access_entries(stack, uri="/v1/messages")
+        assert entry["request_id"] == rid and "," in entry["upstream_addr"], entry
+        # one record for the message: the dead replica's claim was taken over, not duplicated
+        records = stack.redis().keys(record_key(body["user_id"], "*"))
+        assert records == [record_key(body["user_id"], rid)], records
+    finally:
+        proxy.close()
 
 
 # --------------------------------------------------- tests touch only the Redis DBs they claim
