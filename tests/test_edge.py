@@ -4,8 +4,10 @@ what the runner and the test suite may touch (process users, Redis limits, claim
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -14,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import pytest
 import redis
 import requests
 
+from bot.settings import load_settings
 from bot.store import record_key
+from infra import runner
 from tests.support import (
     REDIS_HOST,
     REDIS_PORT,
@@ -327,6 +332,60 @@ def test_a_resend_after_a_replica_dies_keeps_the_id_nginx_chose_for_an_invalid_o
         assert records == [record_key(body["user_id"], rid)], records
     finally:
         proxy.close()
+
+
+# ------------------------------------------------------------------- the runner's processes
+
+
+def _uids(pid: int) -> set[int]:
+    return set(psutil.Process(pid).uids())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged user applies when run as root")
+def test_processes_that_need_no_root_run_unprivileged_when_started_as_root(stack: Stack) -> None:
+    for name in ("bot-1", "bot-2", "bot-3", "stub", "worker"):
+        assert 0 not in _uids(stack.pid(name)), name
+        assert psutil.Process(stack.pid(name)).username() == runner.RUN_USER
+    nginx = psutil.Process(stack.pid("nginx"))
+    workers = nginx.children()
+    assert workers and all(0 not in set(w.uids()) for w in workers)
+    # and they still serve
+    assert post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/help"}).ok
+
+
+def test_a_redis_the_runner_starts_is_bounded_and_refuses_writes_rather_than_evict(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    env = {"REDIS_URL": f"redis://127.0.0.1:{port}/0", "BOT_REDIS_MAXMEMORY": "3mb"}
+    settings = load_settings(env, dotenv=Path("/dev/null"))
+    [program] = [
+        p for p in runner.data_programs(settings, runner.Paths(tmp_path), env) if p.name == "redis"
+    ]
+    proc = subprocess.Popen(shlex.split(program.command), stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis did not start"
+                time.sleep(0.05)
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("maxmemory") == {"maxmemory": str(3 * 1024 * 1024)}
+        value = b"x" * 10_000
+        stored = 0
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for stored in range(10_000):
+                client.set(f"k{stored}", value)
+        assert all(client.get(f"k{i}") == value for i in range(stored))  # nothing evicted
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert "BOT_REDIS_MAXMEMORY:-256mb" in (ROOT / "compose.yaml").read_text()
+    assert runner.DEFAULT_REDIS_MAXMEMORY == "256mb"
 
 
 # --------------------------------------------------- tests touch only the Redis DBs they claim
