@@ -324,15 +324,22 @@ def run_user(paths: Paths) -> str | None:
             check=False, capture_output=True,
         )  # fmt: skip
         pwd.getpwnam(RUN_USER)
-    reach = ["-x", str(VENV_BIN / "python"), "-a", "-r", str(ROOT / "bot" / "__init__.py")]
-    reach += ["-a", "-x", str(paths.run)]
-    if subprocess.run(["runuser", "-u", RUN_USER, "--", "test", *reach], check=False).returncode:
+    if not reaches(RUN_USER, VENV_BIN / "python", ROOT / "bot" / "__init__.py", paths.run):
         print(
             f"warning: user {RUN_USER} cannot read {ROOT} or {paths.run}: the stack's "
             "processes run as root (make them readable by others to fix it)"
         )
         return None
     return RUN_USER
+
+
+def reaches(user: str, *paths: Path) -> bool:
+    """Whether `user` may enter these directories, run these programs and read these files."""
+    test: list[str] = []
+    for path in paths:
+        test += [*(["-a"] if test else []), "-x" if os.access(path, os.X_OK) else "-r"]
+        test.append(str(path))
+    return subprocess.run(["runuser", "-u", user, "--", "test", *test], check=False).returncode == 0
 
 
 def hand_over(programs: list[Program], user: str) -> None:
