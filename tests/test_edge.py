@@ -83,6 +83,8 @@ NGINX_ERRORS: list[tuple[str, bytes, int, str]] = [
     ("unknown route", b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404,
      "not_found"),
     ("TRACE", b"TRACE /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
+    ("unknown method", b"FOO /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", 405,
+     "method_not_allowed"),
     ("body over 64 KiB", (CHUNKED + "Content-Length: 70000\r\n\r\n").encode(), 413,
      "payload_too_large"),
     ("huge URI", b"GET /v1/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414,
@@ -111,6 +113,11 @@ def test_every_error_nginx_answers_itself_is_json(
     assert error["code"] == code and error["message"]
     if status == 405:
         assert "POST" in headers["allow"]
+
+
+def test_an_http_1_0_request_without_host_reaches_the_replicas(stack: Stack) -> None:
+    status, _, body = raw(stack, b"GET /v1/users/u1/prefs HTTP/1.0\r\n\r\n")
+    assert status == 200 and "prefs" in orjson.loads(body), body
 
 
 def test_a_client_trickling_its_body_is_cut_off_in_seconds_not_a_minute(stack: Stack) -> None:
