@@ -21,6 +21,7 @@ import psutil
 import pytest
 import redis
 import requests
+import yaml
 
 from bot.settings import load_settings
 from bot.store import record_key
@@ -413,8 +414,21 @@ def test_a_redis_the_runner_starts_is_bounded_and_refuses_writes_rather_than_evi
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    assert "BOT_REDIS_MAXMEMORY:-256mb" in (ROOT / "compose.yaml").read_text()
-    assert runner.DEFAULT_REDIS_MAXMEMORY == "256mb"
+    # compose's Redis: the same flags, the same default
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    flags = compose["services"]["redis"]["command"]
+    native = shlex.split(program.command)
+    for flag in ("--maxmemory", "--maxmemory-policy"):
+        assert flag in flags and flag in native, flag
+    assert flags[flags.index("--maxmemory-policy") + 1] == "noeviction"
+    assert flags[flags.index("--maxmemory") + 1] == (
+        f"${{BOT_REDIS_MAXMEMORY:-{runner.DEFAULT_REDIS_MAXMEMORY}}}"
+    )
+
+
+def test_ci_never_kills_a_process_it_did_not_start() -> None:
+    script = (ROOT / ".ci" / "run").read_text()
+    assert not re.search(r"\b(pkill|killall|kill)\b", script), "CI must not kill processes"
 
 
 # --------------------------------------------------- tests touch only the Redis DBs they claim
