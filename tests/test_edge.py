@@ -239,6 +239,7 @@ def test_replicas_answering_503_stay_in_rotation_for_everyone_else(
             t.join()
     finally:
         store.start()
+    print(f"replicas' 503s {dict(hostile)}, other users' /help {dict(helped)}")
     assert set(hostile) == {503} and hostile[503] > 50, hostile
     assert set(helped) == {200} and helped[200] >= 20, helped
 
