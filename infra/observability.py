@@ -177,6 +177,7 @@ def programs(settings: Settings, paths: Paths) -> list[Program]:
             settings.prometheus_port,
             priority=950,
             ready_url=f"http://127.0.0.1:{settings.prometheus_port}/-/ready",
+            writable=(base / "data",),
         ),
         Program(
             "alertmanager",
@@ -186,6 +187,7 @@ def programs(settings: Settings, paths: Paths) -> list[Program]:
             settings.alertmanager_port,
             priority=940,
             ready_url=f"http://127.0.0.1:{settings.alertmanager_port}/-/ready",
+            writable=(am_dir,),
         ),
         Program(
             "alertsink",

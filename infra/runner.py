@@ -4,7 +4,11 @@ It renders the NGINX config from its one template and a supervisord config for
 `BOT_REPLICAS` replicas into a run directory (``.run/`` by default, ``BOT_RUN_DIR``), starts
 supervisord there, waits until every replica is ready and prints the URLs. Redis and RabbitMQ
 at `REDIS_URL` / `AMQP_URL` are reused when they answer; otherwise the runner adds its own
-(Redis append-only). Tests use the same code with other ports and their own run directory.
+(Redis append-only, bounded by `BOT_REDIS_MAXMEMORY` and refusing writes, never evicting, when
+full). Run as root, it starts every process that does not need root as the unprivileged user
+`botstack` (created when missing): only supervisord, NGINX's master (its workers run as
+`nobody`) and RabbitMQ's launcher (it drops to `rabbitmq` itself) keep root. Tests use the same
+code with other ports and their own run directory.
 
     python -m infra.runner up|down|status
 """
@@ -12,6 +16,8 @@ at `REDIS_URL` / `AMQP_URL` are reused when they answer; otherwise the runner ad
 from __future__ import annotations
 
 import argparse
+import os
+import pwd
 import re
 import shutil
 import socket
@@ -42,6 +48,9 @@ class Program:
     stopwaitsecs: int = 15
     priority: int = 500
     ready_url: str | None = None  # GET answering < 500 means started
+    # Keeps root when the runner has it (see `RUN_USER`); everything else runs unprivileged.
+    privileged: bool = False
+    writable: tuple[Path, ...] = ()  # directories it writes, given to the unprivileged user
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,22 @@ class Paths:
 # returns the programs it needs for these settings.
 ProgramBuilder = Callable[[Settings, Paths, dict[str, str]], list[Program]]
 BUILDERS: list[ProgramBuilder] = []
+
+
+# The user every unprivileged program runs as when `make up` runs as root.
+RUN_USER = "botstack"
+# A Redis the runner starts itself is bounded; past it, writes fail (the replicas answer 503)
+# and nothing stored is evicted: prefs, idempotency records and the outbox must survive.
+DEFAULT_REDIS_MAXMEMORY = "256mb"
+_REDIS_MEMORY_RE = re.compile(r"[1-9][0-9]{0,12}(kb|mb|gb)?", re.IGNORECASE)
+
+
+def redis_maxmemory(env: dict[str, str]) -> str:
+    """`BOT_REDIS_MAXMEMORY` (Redis's units: 512mb, 2gb), or the default."""
+    value = env.get("BOT_REDIS_MAXMEMORY", "").strip() or DEFAULT_REDIS_MAXMEMORY
+    if not _REDIS_MEMORY_RE.fullmatch(value):
+        raise SettingsError("BOT_REDIS_MAXMEMORY", value, "must be a size such as 256mb or 2gb")
+    return value.lower()
 
 
 def builder(fn: ProgramBuilder) -> ProgramBuilder:
@@ -162,6 +187,7 @@ def core_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list
             f"{shutil.which('nginx') or '/usr/sbin/nginx'} -c {nginx_conf} -p {paths.run}",
             settings.public_port,
             priority=900,
+            privileged=True,  # the master; its workers drop to `nobody`
         )
     )
     return progs
@@ -216,9 +242,10 @@ def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list
                 "redis",
                 f"{shutil.which('redis-server') or 'redis-server'} --port {redis.port or 6379} "
                 f"--bind 127.0.0.1 --appendonly yes --appendfsync everysec --dir {data} "
-                "--save ''",
+                f"--save '' --maxmemory {redis_maxmemory(env)} --maxmemory-policy noeviction",
                 redis.port or 6379,
                 priority=10,
+                writable=(data,),
             )
         )
     amqp = urlparse(settings.amqp_url)
@@ -233,6 +260,7 @@ def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list
                 port,
                 priority=10,
                 stopwaitsecs=30,
+                privileged=True,  # its launcher switches to the `rabbitmq` user itself
                 env={
                     "RABBITMQ_NODE_PORT": str(port),
                     "RABBITMQ_NODENAME": f"bot{port}@localhost",
@@ -277,7 +305,53 @@ def persistence_warning(settings: Settings) -> str | None:
     return None
 
 
-def render_supervisor(paths: Paths, programs: list[Program]) -> str:
+def run_user(paths: Paths) -> str | None:
+    """`RUN_USER` when the runner is root and that user can reach the code and the run dir.
+
+    Creates the (system, login-less) user when missing. A repo or run directory the user cannot
+    reach (a checkout under a private home, say) keeps the processes as root, with one line
+    saying why.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(RUN_USER)
+    except KeyError:
+        # Another `up` may create it at the same moment: its failure is harmless.
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+             "/nonexistent", "--shell", "/usr/sbin/nologin", RUN_USER],
+            check=False, capture_output=True,
+        )  # fmt: skip
+        pwd.getpwnam(RUN_USER)
+    if not reaches(RUN_USER, VENV_BIN / "python", ROOT / "bot" / "__init__.py", paths.run):
+        print(
+            f"warning: user {RUN_USER} cannot read {ROOT} or {paths.run}: the stack's "
+            "processes run as root (make them readable by others to fix it)"
+        )
+        return None
+    return RUN_USER
+
+
+def reaches(user: str, *paths: Path) -> bool:
+    """Whether `user` may enter these directories, run these programs and read these files."""
+    test: list[str] = []
+    for path in paths:
+        test += [*(["-a"] if test else []), "-x" if os.access(path, os.X_OK) else "-r"]
+        test.append(str(path))
+    return subprocess.run(["runuser", "-u", user, "--", "test", *test], check=False).returncode == 0
+
+
+def hand_over(programs: list[Program], user: str) -> None:
+    """Give each unprivileged program's data directories to `user`."""
+    entry = pwd.getpwnam(user)
+    for program in programs:
+        for top in () if program.privileged else program.writable:
+            for path in [top, *top.rglob("*")]:
+                os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+
+
+def render_supervisor(paths: Paths, programs: list[Program], user: str | None = None) -> str:
     lines = [
         "[unix_http_server]",
         f"file={paths.sock}",
@@ -315,6 +389,8 @@ def render_supervisor(paths: Paths, programs: list[Program]) -> str:
             "stdout_logfile_maxbytes=20MB",
             "stdout_logfile_backups=1",
         ]
+        if user and not p.privileged:
+            lines.append(f"user={user}")
         if p.env:
             env = ",".join(f'{k}="{v}"' for k, v in p.env.items())
             lines.append(f"environment={env}")
@@ -372,8 +448,15 @@ def up(settings: Settings, paths: Paths, env: dict[str, str], timeout: float = 9
     if running(paths):
         print(f"stack already running (run dir {paths.run})")
         return status(paths)
-    programs = plan(settings, paths, env)
-    paths.conf.write_text(render_supervisor(paths, programs))
+    try:
+        programs = plan(settings, paths, env)
+    except SettingsError as exc:
+        print(f"runner: {exc}", file=sys.stderr)
+        return 2
+    user = run_user(paths)
+    if user:
+        hand_over(programs, user)
+    paths.conf.write_text(render_supervisor(paths, programs, user))
     warning = persistence_warning(settings)
     if warning and not any(p.name == "redis" for p in programs):
         print(warning)

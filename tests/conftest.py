@@ -6,13 +6,18 @@ import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-import redis as redis_sync
 from redis.asyncio import Redis
 
-from tests.support import Stack, claim_redis_db, release_redis_db, stack_env
+from tests.support import (
+    Stack,
+    claim_redis_db,
+    release_redis_db,
+    reset_redis_db,
+    stack_dir,
+    stack_env,
+)
 
 OWNER = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -28,7 +33,7 @@ def redis_db() -> Iterator[int]:
 @pytest.fixture
 def redis_url(redis_db: int) -> Iterator[str]:
     yield f"redis://127.0.0.1:6379/{redis_db}"
-    redis_sync.Redis(db=redis_db).flushdb()
+    reset_redis_db(redis_db)
 
 
 @pytest.fixture
@@ -39,31 +44,33 @@ async def redis(redis_url: str) -> Redis:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, redis_db: int) -> Iterator[Stack]:
+def stack(redis_db: int) -> Iterator[Stack]:
     """One 3-replica stack shared by the tests that only send traffic (unique users each)."""
     # Generous limits: rate limiting has tests (and stacks) of its own.
     env = stack_env(redis_db, BOT_RATE_LIMIT="100/second", BOT_RATE_BURST="1000")
-    s = Stack(tmp_path_factory.mktemp("stack") / "run", env)
-    s.start()
-    yield s
-    s.stop()
+    with stack_dir() as base:
+        s = Stack(base / "run", env)
+        s.start()
+        yield s
+        s.stop()
 
 
 @pytest.fixture
-def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+def make_stack() -> Iterator[Callable[..., Stack]]:
     """Start private stacks with settings of the test's own; each gets its own Redis DB."""
     started: list[tuple[Stack, int, str]] = []
+    with stack_dir() as base:
 
-    def make(**overrides: str) -> Stack:
-        owner = f"{OWNER}-{len(started)}"
-        db = claim_redis_db(owner)
-        s = Stack(tmp_path / f"run{len(started)}", stack_env(db, **overrides))
-        started.append((s, db, owner))
-        s.start()
-        return s
+        def make(**overrides: str) -> Stack:
+            owner = f"{OWNER}-{len(started)}"
+            db = claim_redis_db(owner)
+            s = Stack(base / f"run{len(started)}", stack_env(db, **overrides))
+            started.append((s, db, owner))
+            s.start()
+            return s
 
-    yield make
-    for s, db, owner in started:
-        with contextlib.suppress(Exception):
-            s.stop()
-        release_redis_db(db, owner)
+        yield make
+        for s, db, owner in started:
+            with contextlib.suppress(Exception):
+                s.stop()
+            release_redis_db(db, owner)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -33,23 +35,57 @@ REDIS_PORT = 6379
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-def claim_redis_db(owner: str) -> int:
-    """Claim a Redis DB number (1-15) for this test run; released by `release_redis_db`."""
-    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
-    for _ in range(600):
-        for db in random.sample(range(1, 16), 15):
-            if r.set(f"bot-tests:db:{db}", owner, nx=True, ex=1800):
-                redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
+# Set in a claimed DB, so that one left behind by a run that died (its lock in DB 0 expired)
+# may be claimed again; any other DB with keys is someone else's: never claimed nor flushed.
+CLAIM_MARKER = "bot-tests:claimed"
+CLAIM_TTL = 1800
+
+
+def _lock_key(db: int) -> str:
+    return f"bot-tests:db:{db}"
+
+
+def _claimable(client: redis.Redis) -> bool:
+    """Empty, or holding nothing but a test run's marker."""
+    size = client.dbsize()
+    return size == 0 or (size == 1 and client.exists(CLAIM_MARKER) == 1)
+
+
+def claim_redis_db(owner: str, dbs: range = range(1, 16), rounds: int = 600) -> int:
+    """Claim a Redis DB number (1-15) for this test run; released by `release_redis_db`.
+
+    A DB is claimed only when its lock in DB 0 is free and it holds no key but a test run's
+    marker: a DB in use by anything else is left alone, never flushed.
+    """
+    locks = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    for _ in range(rounds):
+        for db in random.sample(dbs, len(dbs)):
+            if not locks.set(_lock_key(db), owner, nx=True, ex=CLAIM_TTL):
+                continue
+            client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+            if _claimable(client):
+                reset_redis_db(db)
                 return db
-        time.sleep(1)
+            locks.delete(_lock_key(db))  # someone else's data: not ours to touch
+        if rounds > 1:
+            time.sleep(1)
     raise RuntimeError("no free Redis DB for tests")
 
 
+def reset_redis_db(db: int) -> None:
+    """Empty a DB this run has claimed, keeping its marker."""
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+    client.flushdb()
+    client.set(CLAIM_MARKER, "1", ex=CLAIM_TTL)
+
+
 def release_redis_db(db: int, owner: str) -> None:
-    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    """Empty and unlock `db` if this run still holds its lock; otherwise touch nothing."""
+    locks = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    if locks.get(_lock_key(db)) != owner.encode():
+        return
     redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
-    if r.get(f"bot-tests:db:{db}") == owner.encode():
-        r.delete(f"bot-tests:db:{db}")
+    locks.delete(_lock_key(db))
 
 
 def _free(port: int) -> bool:
@@ -182,6 +218,21 @@ class Stack:
     def logs(self, name: str) -> str:
         path = self.paths.logs / f"{name}.log"
         return path.read_text() if path.exists() else ""
+
+
+@contextlib.contextmanager
+def stack_dir(prefix: str = "bot-stack-") -> Iterator[Path]:
+    """A fresh directory for a stack's run dir that others may traverse (deleted after).
+
+    Run as root, the runner starts the stack's processes as an unprivileged user, which cannot
+    reach pytest's private temp dirs (it would keep them as root).
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def stack_env(db: int, **overrides: str) -> dict[str, str]:
