@@ -19,7 +19,16 @@ log = get_logger(__name__)
 async def _serve(settings: Settings, host: str, port: int, metrics_port: int) -> None:
     app = create_app(settings)
     # shutdown_timeout: how long in-flight requests may take to finish after SIGTERM.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout)
+    # Header limits above NGINX's (large_client_header_buffers 4 8k): whatever NGINX lets
+    # through, the replica parses, so no request gets aiohttp's plain-text 400 instead of JSON.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=settings.drain_timeout,
+        max_headers=8192,
+        max_line_size=16384,
+        max_field_size=16384,
+    )
     metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)
     await runner.setup()
     await metrics_runner.setup()
