@@ -5,12 +5,14 @@ collapsed) and the upstream kind. It is fresh for `BOT_CACHE_TTL` and kept
 `BOT_CACHE_STALE_TTL` longer as a stale copy, served only when the upstream fails or its
 circuit is open (`X-Cache: STALE`).
 
-Conversation context is deliberately *not* part of the key. Every user's last ten messages
-differ, so a key over them would make nearly every lookup a miss, and single-flight would
-never merge two users' identical questions: the cache would cost a round trip and save
-nothing. The price is that a follow-up whose meaning depends on context ("and its mass?")
-shares one answer across users; the bot treats questions as standalone lookups, and the
-first asker's context is what the upstream sees.
+Only answers computed without conversation context are shared. A question asked with
+context (the user's recent exchanges, which the upstream sees) is answered by the upstream
+for that user alone: it is neither looked up nor stored, so one user's conversation can
+never reach another user's answer, and nobody can plant an answer for a common question by
+asking it inside a conversation of their own. Keying by a hash of the context instead would
+be just as safe, but nearly every such key would be new (the context changes with every
+exchange), so the entries would cost Redis memory for a day and never be hit. Such
+questions count as misses.
 
 Single-flight: the first lookup that misses also takes a short Redis lock (a random token,
 expiring after the upstream timeout plus a margin) in the same script, and makes the one
@@ -87,6 +89,8 @@ class CachedAnswerer:
         }
 
     async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        if context:
+            return await self._private(question, context)
         cid = cache_id(question, self.kind)
         flight = self._flights.get(cid)
         if flight is None:
@@ -101,6 +105,12 @@ class CachedAnswerer:
             raise
         self._lookups[answer.cache].inc()
         return answer
+
+    async def _private(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        """A question asked with context: this user's own answer, never shared (see above)."""
+        self._lookups["MISS"].inc()
+        answer = await self.inner.answer(question, context)
+        return Answer(answer.text, "MISS")
 
     def _landed(self, cid: str, flight: asyncio.Task[Answer]) -> None:
         if self._flights.get(cid) is flight:
