@@ -48,7 +48,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[STATE] = {"draining": False, "inflight": 0}
     app[READINESS] = []
-    app.cleanup_ctx.extend([redis_ctx, http_ctx, service_ctx, retries_ctx, dependency_watch_ctx])
+    app.cleanup_ctx.extend(
+        [redis_ctx, http_ctx, service_ctx, heartbeat_ctx, retries_ctx, dependency_watch_ctx]
+    )
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_post("/v1/messages", messages.post_message)
@@ -141,6 +143,12 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("api_keys_unset", hint="set BOT_API_KEYS: /v1/* is open to anyone")
     metrics.init()
     yield
+
+
+async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """This replica's heartbeat in Redis: if it dies mid-answer, others take over at once."""
+    async with app[STORE].heartbeat.running():
+        yield
 
 
 async def retries_ctx(app: web.Application) -> AsyncIterator[None]:

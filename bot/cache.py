@@ -18,8 +18,10 @@ Single-flight: the first lookup that misses also takes a short Redis lock (a ran
 expiring after the upstream timeout plus a margin) in the same script, and makes the one
 upstream call; everyone else, on any replica, polls the same script with a backoff until
 the answer is stored, the holder records a failure, or the lock lapses (the holder died) and
-the poller takes it over. Within a process, concurrent lookups of one key share a single
-flight, so a replica polls Redis once per key however many users wait on it.
+the poller takes it over. A replica that runs a heartbeat (`bot.store.Heartbeat`) names
+itself in its lock, so a poller takes over the lock of a holder whose heartbeat is gone at
+once, rather than when the lock lapses. Within a process, concurrent lookups of one key
+share a single flight, so a replica polls Redis once per key however many users wait on it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import hashlib
 import time
 import uuid
 from importlib.resources import files
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
@@ -39,6 +41,9 @@ from bot import metrics
 from bot.answers import Answer, Answerer
 from bot.errors import UpstreamUnavailable
 from bot.logging import get_logger
+
+if TYPE_CHECKING:
+    from bot.store import Heartbeat
 
 log = get_logger(__name__)
 
@@ -81,6 +86,7 @@ class CachedAnswerer:
         self.lock_ms = max(int(lock_seconds * 1000), 100)
         self.wait_seconds = wait_seconds
         self.poll = poll
+        self.heartbeat: Heartbeat | None = None  # set by a replica that runs one
         self._script = redis.register_script(_SCRIPT)
         self._flights: dict[str, asyncio.Task[Answer]] = {}
         self._lookups = {
@@ -120,15 +126,16 @@ class CachedAnswerer:
 
     async def _resolve(self, cid: str, question: str, context: list[dict[str, Any]]) -> Answer:
         keys = [f"cache:{{{cid}}}:a", f"cache:{{{cid}}}:lock", f"cache:{{{cid}}}:err"]
-        token = uuid.uuid4().hex
+        token = self.heartbeat.token() if self.heartbeat is not None else uuid.uuid4().hex
         stale: str | None = None
         since = 0
         deadline = 0.0
         delay = self.poll[0]
+        steal = ""
         while True:
             try:
                 res = await self._script(
-                    keys=keys, args=["lookup", token, self.lock_ms, self.ttl_ms, since]
+                    keys=keys, args=["lookup", token, self.lock_ms, self.ttl_ms, since, steal]
                 )
             except RedisError as exc:
                 # No cache and no single-flight without Redis, but the question still
@@ -150,8 +157,15 @@ class CachedAnswerer:
                 deadline = time.monotonic() + self.wait_seconds
             elif time.monotonic() >= deadline:
                 return self._fallback(stale, "timed out waiting for the upstream call", None)
+            holder = _str(res[3]) if len(res) > 3 and res[3] else ""
+            steal = holder if await self._gone(holder) else ""
+            if steal:
+                continue  # its holder died: take the lock over now
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self.poll[1])
+
+    async def _gone(self, holder: str) -> bool:
+        return bool(holder) and self.heartbeat is not None and await self.heartbeat.gone(holder)
 
     async def _lead(
         self,
