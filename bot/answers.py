@@ -13,7 +13,7 @@ __all__ = ["MAX_REPLY_CHARS", "Answer", "Answerer", "bounded"]
 
 # The longest reply the bot gives (and stores for replays, in the cache and in inboxes).
 # Twice the longest message a user may send, so /echo and the stub are never cut; an LLM
-# answer beyond it is (set UPSTREAM_MAX_TOKENS well below it).
+# answer beyond it is (an LLM's max-tokens limit belongs well below it).
 MAX_REPLY_CHARS = 8192
 
 

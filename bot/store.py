@@ -112,9 +112,9 @@ class Heartbeat:
 
     async def gone(self, token: str) -> bool:
         """Whether the process that issued `token` has stopped beating (so it died)."""
-        owner = token.removeprefix("P").partition(".")[0]
-        if not owner or owner == self.owner:
-            return False
+        owner, named, _ = token.removeprefix("P").partition(".")
+        if not named or not owner or owner == self.owner:
+            return False  # issued by a process without a heartbeat (or by this one)
         try:
             return not await self.redis.exists(self.key(owner))
         except RedisError:

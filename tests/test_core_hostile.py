@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -19,13 +20,13 @@ import redis as redis_sync
 import requests
 from redis.asyncio import Redis
 
-from bot.answers import Answer
+from bot.answers import MAX_REPLY_CHARS, Answer, bounded
 from bot.core.service import BotService
 from bot.core.validation import Message, parse_message
 from bot.errors import Unavailable
 from bot.ratelimit import LocalLimiter, Policy
 from bot.settings import Rate
-from bot.store import Store, record_key, user_key
+from bot.store import CONTEXT_SIZE, MAX_PREFS, Heartbeat, Store, record_key, user_key
 from tests.support import PrivateRedis, Stack, post, stack_env, unique
 
 pytestmark = pytest.mark.system
@@ -307,3 +308,72 @@ def test_a_full_redis_answers_503_storage_full_and_keeps_what_is_stored(
     assert requests.get(prefs_url, timeout=5).json() == {"prefs": {"lang": "en"}}
     assert post(url + "/v1/messages", {"user_id": user, "text": "/echo back"}).ok
     assert post(url + "/v1/messages", said).json() == first.json()
+
+
+class FixedUpstream:
+    """An in-process upstream with a fixed answer (one as long as the bot allows)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        return Answer(bounded(self.text))
+
+
+async def _usage(redis: Redis, key: str) -> int:
+    used = await redis.memory_usage(key, samples=0)
+    return int(used or 0)
+
+
+async def test_what_a_message_and_a_user_store_is_bounded_and_expires(redis: Redis) -> None:
+    """Measures the figures docs/scaling.md states; every key gets a TTL."""
+    long_answer = "x" * (MAX_REPLY_CHARS * 3)
+    service = _service(redis, FixedUpstream(long_answer))  # type: ignore[arg-type]
+    user = unique()
+    sizes: dict[str, int] = {}
+
+    async def send(text: str) -> str:
+        mid = unique("m")
+        await service.handle(_message(user, mid, text))
+        return mid
+
+    mid = await send("/echo hello there")
+    sizes["record, /echo of 17 chars"] = await _usage(redis, record_key(user, mid))
+    mid = await send("what is a pulsar, in a sentence or two?")
+    record = orjson.loads(await redis.get(record_key(user, mid)))
+    assert len(record["body"]["reply"]) == MAX_REPLY_CHARS  # cut, and stored cut
+    sizes["record, longest reply"] = await _usage(redis, record_key(user, mid))
+    for _ in range(CONTEXT_SIZE):
+        await send("q" * 4096)
+    ctx = await redis.lrange(user_key(user, "ctx"), 0, -1)
+    assert len(ctx) == CONTEXT_SIZE
+    assert all(len(orjson.loads(e)["q"]) == len(orjson.loads(e)["a"]) == 1024 for e in ctx)
+    sizes["context, full (10 longest entries)"] = await _usage(redis, user_key(user, "ctx"))
+    prefs = {f"{i:02d}" + "k" * 62: "v" * 1024 for i in range(MAX_PREFS)}
+    await service.store.set_prefs(user, prefs)
+    sizes["prefs, full (100 x 64 + 1024 chars)"] = await _usage(redis, user_key(user, "prefs"))
+    sizes["rate limit state"] = await _usage(redis, user_key(user, "rl"))
+    for name, size in sizes.items():
+        print(f"{name}: {size} bytes")
+
+    assert sizes["record, longest reply"] < 12 * 1024
+    assert sizes["context, full (10 longest entries)"] < CONTEXT_SIZE * 2 * 1024 + 4096
+    async for key in redis.scan_iter(f"bot:{{{user}}}:*"):
+        assert await redis.pttl(key) > 0, key
+    assert await redis.ttl(user_key(user, "prefs")) > 170 * 86400
+
+
+async def test_only_tokens_of_a_process_whose_heartbeat_lapsed_count_as_gone(
+    redis: Redis,
+) -> None:
+    mine, theirs = Heartbeat(redis, ttl=0.3), Heartbeat(redis, ttl=0.3)
+    assert not await mine.gone(theirs.token())  # not beating yet: names nobody
+    await theirs.beat()
+    token = theirs.token()
+    assert not await mine.gone("P" + token) and not await mine.gone(token)
+    await asyncio.sleep(0.4)  # it stopped beating
+    assert await mine.gone("P" + token) and await mine.gone(token)
+    await mine.beat()
+    assert not await mine.gone(mine.token())  # never itself
+    # tokens of processes that never beat (the retry worker's cache locks, older replicas)
+    assert not await mine.gone(uuid.uuid4().hex) and not await mine.gone("P" + uuid.uuid4().hex)
