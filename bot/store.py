@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class Heartbeat:
         self.period = period
         self.ttl_ms = int(ttl * 1000)
         self.active = False
+        self._missing: dict[str, float] = {}  # owner -> when its heartbeat was first missed
 
     @staticmethod
     def key(owner: str) -> str:
@@ -116,9 +118,18 @@ class Heartbeat:
         if not named or not owner or owner == self.owner:
             return False  # issued by a process without a heartbeat (or by this one)
         try:
-            return not await self.redis.exists(self.key(owner))
+            alive = bool(await self.redis.exists(self.key(owner)))
         except RedisError:
             return False  # cannot tell: wait for the lease instead
+        now = time.monotonic()
+        if alive:
+            self._missing.pop(owner, None)
+            return False
+        if len(self._missing) > 1024:
+            self._missing.clear()  # bounded: a few replicas' ids are ever in it
+        # Gone only when missing for longer than a beat: a live process whose key vanished
+        # (a flushed or restarted Redis) puts it back within one period.
+        return now - self._missing.setdefault(owner, now) >= 1.5 * self.period
 
     async def beat(self) -> None:
         key = self.key(self.owner)

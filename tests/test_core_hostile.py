@@ -72,7 +72,7 @@ async def test_a_false_takeover_still_stores_one_reply(redis: Redis) -> None:
     """Replica A is alive but its heartbeat looks gone (a long event-loop stall): B takes the
     claim over and both answer. The first to finish wins: one record, one context entry,
     and A's caller gets B's answer too."""
-    a_up, b_up = SlowUpstream("a", 0.6), SlowUpstream("b", 0.05)
+    a_up, b_up = SlowUpstream("a", 1.2), SlowUpstream("b", 0.05)
     a, b = _service(redis, a_up), _service(redis, b_up)
     a.store.heartbeat.active = True  # names itself in claims, but never beats
     await b.store.heartbeat.beat()
@@ -366,12 +366,22 @@ async def test_what_a_message_and_a_user_store_is_bounded_and_expires(redis: Red
 async def test_only_tokens_of_a_process_whose_heartbeat_lapsed_count_as_gone(
     redis: Redis,
 ) -> None:
-    mine, theirs = Heartbeat(redis, ttl=0.3), Heartbeat(redis, ttl=0.3)
+    mine = Heartbeat(redis, period=0.1, ttl=0.3)
+    theirs = Heartbeat(redis, period=0.1, ttl=0.3)
     assert not await mine.gone(theirs.token())  # not beating yet: names nobody
     await theirs.beat()
     token = theirs.token()
     assert not await mine.gone("P" + token) and not await mine.gone(token)
     await asyncio.sleep(0.4)  # it stopped beating
+    assert not await mine.gone(token)  # missing once is not enough: it may be putting it back
+    await asyncio.sleep(0.1)
+    assert not await mine.gone(token)
+    await theirs.beat()  # it was (a flushed Redis): alive after all
+    await asyncio.sleep(0.2)
+    assert not await mine.gone(token)
+    await asyncio.sleep(0.4)
+    assert not await mine.gone("P" + token)
+    await asyncio.sleep(0.16)  # missing for longer than a beat and a half: gone
     assert await mine.gone("P" + token) and await mine.gone(token)
     await mine.beat()
     assert not await mine.gone(mine.token())  # never itself

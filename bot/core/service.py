@@ -153,7 +153,7 @@ class BotService:
             if not take_over:
                 await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
                 delay = min(delay * 1.5, _POLL[1])
-        if take_over and adm.kind == "ok":
+        if take_over and adm.kind in ("ok", "stored"):
             log.info("claim_taken_over", message_id=msg.message_id)
         if adm.kind == "done":
             assert adm.record is not None
