@@ -127,7 +127,7 @@ class Heartbeat:
             return False
         if len(self._missing) > 1024:
             self._missing.clear()  # bounded: a few replicas' ids are ever in it
-        # Gone only when missing for longer than a beat: a live process whose key vanished
+        # Gone only when missing for a beat and a half: a live process whose key vanished
         # (a flushed or restarted Redis) puts it back within one period.
         return now - self._missing.setdefault(owner, now) >= 1.5 * self.period
 
