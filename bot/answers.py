@@ -9,7 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["Answer", "Answerer"]
+__all__ = ["MAX_REPLY_CHARS", "Answer", "Answerer", "bounded"]
+
+# The longest reply the bot gives (and stores for replays, in the cache and in inboxes).
+# Twice the longest message a user may send, so /echo and the stub are never cut; an LLM
+# answer beyond it is (an LLM's max-tokens limit belongs well below it).
+MAX_REPLY_CHARS = 8192
+
+
+def bounded(text: str, limit: int = MAX_REPLY_CHARS) -> str:
+    """`text` cut to `limit` characters, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,9 @@ def create_app(settings: Settings) -> web.Application:
     app[STATE] = {"draining": False, "inflight": 0}
     app[READINESS] = []
     app[LONGPOLLS] = LongPolls(settings.longpoll_max, settings.longpoll_per_user)
-    app.cleanup_ctx.extend([redis_ctx, http_ctx, service_ctx, retries_ctx, dependency_watch_ctx])
+    app.cleanup_ctx.extend(
+        [redis_ctx, http_ctx, service_ctx, heartbeat_ctx, retries_ctx, dependency_watch_ctx]
+    )
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_post("/v1/messages", messages.post_message)
@@ -158,6 +160,12 @@ def log_api_access(settings: Settings) -> None:
     if not settings.api_keys:
         serving = "everyone" if settings.open_api else "loopback_only"
         log.warning("api_keys_unset", serving=serving, hint="/v1/* answers " + settings.api_access)
+
+
+async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """This replica's heartbeat in Redis: if it dies mid-answer, others take over at once."""
+    async with app[STORE].heartbeat.running():
+        yield
 
 
 async def retries_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -6,8 +6,11 @@ or when `consecutive` calls failed in a row, or at once when the upstream answer
 with a `Retry-After` (it told us when to come back). Open: calls fail at once
 (`short_circuited`) for `open_seconds` instead of each waiting for the timeout. Then
 half-open: one probe at a time goes through; a success closes the circuit, a failure opens
-it again. Per process on purpose: each replica judges the upstream from its own calls, with
-no shared state that could itself fail.
+it again. Only that probe's verdict counts: every call carries the breaker's epoch (bumped on
+each change of state) from the moment it was let through, and an outcome from an earlier
+epoch (a call that started before the circuit opened and ends late) changes nothing, so a
+slow success cannot close an open circuit. Per process on purpose: each replica judges the
+upstream from its own calls, with no shared state that could itself fail.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bot import metrics
@@ -28,6 +32,15 @@ log = get_logger(__name__)
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 _GAUGE = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
 _MAX_RETRY_AFTER = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What a call let through carries to its verdict: the epoch it started in, and whether
+    it is the half-open probe."""
+
+    epoch: int
+    probe: bool = False
 
 
 class CircuitBreaker:
@@ -55,6 +68,7 @@ class CircuitBreaker:
         self._streak = 0  # consecutive failures
         self._open_until = 0.0
         self._probing = False
+        self._epoch = 0  # bumped on every change of state
         metrics.CIRCUIT_STATE.set(0)
 
     @classmethod
@@ -74,36 +88,49 @@ class CircuitBreaker:
             self._set(HALF_OPEN)
         return self._state
 
-    def acquire(self) -> None:
-        """Let a call through or raise `UpstreamUnavailable` (short-circuited) at once."""
+    def acquire(self) -> Ticket:
+        """Let a call through (its ticket) or raise `UpstreamUnavailable` (short-circuited)."""
         state = self.state
         if state == CLOSED:
-            return
+            return Ticket(self._epoch)
         if state == HALF_OPEN and not self._probing:
             self._probing = True
-            return
+            return Ticket(self._epoch, probe=True)
         wait = max(self._open_until - self.clock(), 0.0) if state == OPEN else 1.0
         raise UpstreamUnavailable("upstream circuit is open", max(wait, 1.0))
 
-    def release(self) -> None:
+    def release(self, ticket: Ticket | None = None) -> None:
         """A call let through ended with no verdict (cancelled): free the probe slot."""
-        self._probing = False
+        if self._current(ticket).probe:
+            self._probing = False
 
-    def success(self) -> None:
-        self._probing = False
-        self._streak = 0
-        if self._state != CLOSED:
-            self._reset_window()
-            self._set(CLOSED)
+    def success(self, ticket: Ticket | None = None) -> None:
+        """A call succeeded; only the current half-open probe closes an open circuit."""
+        ticket = self._current(ticket)
+        if ticket.epoch != self._epoch:
+            return  # started before the last change of state: says nothing about now
+        if self.state != CLOSED:
+            if ticket.probe:
+                self._probing = False
+                self._streak = 0
+                self._reset_window()
+                self._set(CLOSED)
             return
+        self._streak = 0
         self._record(ok=True)
 
-    def failure(self, retry_after: float | None = None) -> None:
-        self._probing = False
-        self._streak += 1
-        if self._state != CLOSED:
-            self._trip("probe_failed", retry_after)
+    def failure(self, ticket: Ticket | None = None, retry_after: float | None = None) -> None:
+        """A call failed; the current probe's failure opens the circuit again."""
+        ticket = self._current(ticket)
+        if ticket.epoch != self._epoch:
+            return  # a late verdict from before the circuit opened (or closed) again
+        if self.state != CLOSED:
+            if ticket.probe:
+                self._probing = False
+                self._streak += 1
+                self._trip("probe_failed", retry_after)
             return
+        self._streak += 1
         self._record(ok=False)
         calls = len(self._calls)
         if retry_after is not None:
@@ -112,6 +139,10 @@ class CircuitBreaker:
             self._trip("consecutive_failures", None)
         elif calls >= self.min_calls and self._failures >= self.failure_ratio * calls:
             self._trip("failure_ratio", None)
+
+    def _current(self, ticket: Ticket | None) -> Ticket:
+        """The ticket of a call that started now (callers that do not track tickets)."""
+        return ticket if ticket is not None else Ticket(self._epoch, self._probing)
 
     def _record(self, *, ok: bool) -> None:
         now = self.clock()
@@ -150,6 +181,8 @@ class CircuitBreaker:
             if state != OPEN:
                 log.info("circuit_" + state, previous=self._state)
             self._state = state
+            self._epoch += 1
+            self._probing = False
         metrics.CIRCUIT_STATE.set(_GAUGE[state])
 
 
@@ -163,17 +196,17 @@ class BreakerAnswerer:
 
     async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
         try:
-            self.breaker.acquire()
+            ticket = self.breaker.acquire()
         except UpstreamUnavailable:
             self._short.inc()
             raise
         try:
             answer = await self.inner.answer(question, context)
         except UpstreamUnavailable as exc:
-            self.breaker.failure(exc.retry_after)
+            self.breaker.failure(ticket, exc.retry_after)
             raise
         except BaseException:
-            self.breaker.release()
+            self.breaker.release(ticket)
             raise
-        self.breaker.success()
+        self.breaker.success(ticket)
         return answer

@@ -2,9 +2,11 @@
 -- replicas with skewed clocks agree on freshness.
 -- KEYS: entry (hash a=answer, t=stored at ms), lock, failure marker ("at_ms|json")
 -- ARGV[1] = op: lookup | store | fail
---   lookup: token, lock_ms, ttl_ms, since_ms (0 on the first lookup; a waiter's start after)
---     -> {"hit", answer, now} | {"lead", stale|false, now} | {"wait", stale|false, now}
---        | {"failed", stale|false, now, marker}
+--   lookup: token, lock_ms, ttl_ms, since_ms (0 on the first lookup; a waiter's start after),
+--           a lock to take over ("" for none: the caller saw it held by a process whose
+--           heartbeat is gone, so it died mid-call; taken only if it still holds the lock)
+--     -> {"hit", answer, now} | {"lead", stale|false, now}
+--        | {"wait", stale|false, now, lock holder's token} | {"failed", stale|false, now, marker}
 --   store: token, answer, keep_ms -> 1; releases the lock when `token` still holds it
 --   fail: token, marker json, marker_ms -> 1; releases the lock when `token` still holds it
 local t = redis.call('TIME')
@@ -37,10 +39,15 @@ if op == 'lookup' then
       end
     end
   end
+  local steal = ARGV[6] or ''
+  if steal ~= '' and redis.call('GET', KEYS[2]) == steal then
+    redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+    return {'lead', stale, now}
+  end
   if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
     return {'lead', stale, now}
   end
-  return {'wait', stale, now}
+  return {'wait', stale, now, redis.call('GET', KEYS[2]) or false}
 elseif op == 'store' then
   redis.call('HSET', KEYS[1], 'a', ARGV[3], 't', now)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])

@@ -5,19 +5,23 @@ collapsed) and the upstream kind. It is fresh for `BOT_CACHE_TTL` and kept
 `BOT_CACHE_STALE_TTL` longer as a stale copy, served only when the upstream fails or its
 circuit is open (`X-Cache: STALE`).
 
-Conversation context is deliberately *not* part of the key. Every user's last ten messages
-differ, so a key over them would make nearly every lookup a miss, and single-flight would
-never merge two users' identical questions: the cache would cost a round trip and save
-nothing. The price is that a follow-up whose meaning depends on context ("and its mass?")
-shares one answer across users; the bot treats questions as standalone lookups, and the
-first asker's context is what the upstream sees.
+Only answers computed without conversation context are shared. A question asked with
+context (the user's recent exchanges, which the upstream sees) is answered by the upstream
+for that user alone: it is neither looked up nor stored, so one user's conversation can
+never reach another user's answer, and nobody can plant an answer for a common question by
+asking it inside a conversation of their own. Keying by a hash of the context instead would
+be just as safe, but nearly every such key would be new (the context changes with every
+exchange), so the entries would cost Redis memory for a day and never be hit. Such
+questions count as misses.
 
 Single-flight: the first lookup that misses also takes a short Redis lock (a random token,
 expiring after the upstream timeout plus a margin) in the same script, and makes the one
 upstream call; everyone else, on any replica, polls the same script with a backoff until
 the answer is stored, the holder records a failure, or the lock lapses (the holder died) and
-the poller takes it over. Within a process, concurrent lookups of one key share a single
-flight, so a replica polls Redis once per key however many users wait on it.
+the poller takes it over. A replica that runs a heartbeat (`bot.store.Heartbeat`) names
+itself in its lock, so a poller takes over the lock of a holder whose heartbeat is gone at
+once, rather than when the lock lapses. Within a process, concurrent lookups of one key
+share a single flight, so a replica polls Redis once per key however many users wait on it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import hashlib
 import time
 import uuid
 from importlib.resources import files
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
@@ -37,6 +41,9 @@ from bot import metrics
 from bot.answers import Answer, Answerer
 from bot.errors import UpstreamUnavailable
 from bot.logging import get_logger
+
+if TYPE_CHECKING:
+    from bot.store import Heartbeat
 
 log = get_logger(__name__)
 
@@ -79,6 +86,7 @@ class CachedAnswerer:
         self.lock_ms = max(int(lock_seconds * 1000), 100)
         self.wait_seconds = wait_seconds
         self.poll = poll
+        self.heartbeat: Heartbeat | None = None  # set by a replica that runs one
         self._script = redis.register_script(_SCRIPT)
         self._flights: dict[str, asyncio.Task[Answer]] = {}
         self._lookups = {
@@ -87,6 +95,8 @@ class CachedAnswerer:
         }
 
     async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        if context:
+            return await self._private(question, context)
         cid = cache_id(question, self.kind)
         flight = self._flights.get(cid)
         if flight is None:
@@ -102,6 +112,12 @@ class CachedAnswerer:
         self._lookups[answer.cache].inc()
         return answer
 
+    async def _private(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        """A question asked with context: this user's own answer, never shared (see above)."""
+        self._lookups["MISS"].inc()
+        answer = await self.inner.answer(question, context)
+        return Answer(answer.text, "MISS")
+
     def _landed(self, cid: str, flight: asyncio.Task[Answer]) -> None:
         if self._flights.get(cid) is flight:
             del self._flights[cid]
@@ -110,15 +126,16 @@ class CachedAnswerer:
 
     async def _resolve(self, cid: str, question: str, context: list[dict[str, Any]]) -> Answer:
         keys = [f"cache:{{{cid}}}:a", f"cache:{{{cid}}}:lock", f"cache:{{{cid}}}:err"]
-        token = uuid.uuid4().hex
+        token = self.heartbeat.token() if self.heartbeat is not None else uuid.uuid4().hex
         stale: str | None = None
         since = 0
         deadline = 0.0
         delay = self.poll[0]
+        steal = ""
         while True:
             try:
                 res = await self._script(
-                    keys=keys, args=["lookup", token, self.lock_ms, self.ttl_ms, since]
+                    keys=keys, args=["lookup", token, self.lock_ms, self.ttl_ms, since, steal]
                 )
             except RedisError as exc:
                 # No cache and no single-flight without Redis, but the question still
@@ -140,8 +157,15 @@ class CachedAnswerer:
                 deadline = time.monotonic() + self.wait_seconds
             elif time.monotonic() >= deadline:
                 return self._fallback(stale, "timed out waiting for the upstream call", None)
+            holder = _str(res[3]) if len(res) > 3 and res[3] else ""
+            steal = holder if await self._gone(holder) else ""
+            if steal:
+                continue  # its holder died: take the lock over now
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self.poll[1])
+
+    async def _gone(self, holder: str) -> bool:
+        return bool(holder) and self.heartbeat is not None and await self.heartbeat.gone(holder)
 
     async def _lead(
         self,

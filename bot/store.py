@@ -3,35 +3,60 @@ conversation context and preferences.
 
 Keys carry the user id in a hash tag (``bot:{u-42}:prefs``) so that everything of one user
 lands on one shard if Redis is ever clustered, which keeps the multi-key scripts legal.
+
+Bounds (docs/scaling.md has the bytes): a record holds one reply (capped by
+`bot.answers.MAX_REPLY_CHARS`) for `BOT_IDEMPOTENCY_TTL`; the context keeps `CONTEXT_SIZE`
+entries of at most `CONTEXT_TEXT_MAX` characters a side for `CONTEXT_TTL`; prefs hold at most
+`MAX_PREFS` keys and expire `PREFS_TTL` after their last use. Every key has a TTL.
+
+When Redis is full (``maxmemory`` with ``noeviction``) a write raises `StorageFull` (a 503
+``storage_full``); the scripts write nothing before their first refused write, and replays of
+what is stored still work (reads are never refused).
+
+Liveness: a replica running `Heartbeat` puts its id in every claim it takes, so a request
+waiting on a claim whose holder's heartbeat is gone (the process died mid-answer) takes it
+over at once instead of waiting for the lease to lapse.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError, RedisError
 
+from bot.errors import Unavailable
+from bot.logging import get_logger
 from bot.ratelimit import Policy, RateState
+
+log = get_logger(__name__)
 
 CONTEXT_SIZE = 10
 CONTEXT_TTL = 1800
+CONTEXT_TEXT_MAX = 1024  # characters of the question and of the answer kept per entry
 MAX_PREFS = 100
+# Prefs are the one thing users set on purpose, so they outlive everything else, but a user
+# id nobody uses any more (or one of a flood of made-up ones) does not keep them for ever.
+PREFS_TTL = 180 * 86400
 
 # HSET fields only when the hash stays within the key limit; one script, so two replicas
 # adding keys at once cannot together exceed it. Returns the number of keys, or -1.
 _PREFS_SET = """
 local new = 0
-for i = 1, #ARGV - 1, 2 do
+for i = 1, #ARGV - 2, 2 do
   if redis.call("HEXISTS", KEYS[1], ARGV[i]) == 0 then new = new + 1 end
 end
-if redis.call("HLEN", KEYS[1]) + new > tonumber(ARGV[#ARGV]) then return -1 end
-for i = 1, #ARGV - 1, 2 do redis.call("HSET", KEYS[1], ARGV[i], ARGV[i + 1]) end
+if redis.call("HLEN", KEYS[1]) + new > tonumber(ARGV[#ARGV - 1]) then return -1 end
+for i = 1, #ARGV - 2, 2 do redis.call("HSET", KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call("EXPIRE", KEYS[1], ARGV[#ARGV])
 return redis.call("HLEN", KEYS[1])
 """
 # Delete the claim only if it is still ours (its lease may have passed to another replica).
@@ -43,6 +68,102 @@ return 0
 
 class TooManyPrefs(Exception):
     """Setting these preferences would exceed `MAX_PREFS` keys."""
+
+
+class StorageFull(Unavailable):
+    """Redis refused a write: it is at ``maxmemory`` and evicts nothing (503, retry later)."""
+
+    code = "storage_full"
+
+
+@contextlib.contextmanager
+def refusing_when_full() -> Iterator[None]:
+    """Turn Redis's OOM refusal into `StorageFull` (a clear 503, not a dependency outage)."""
+    try:
+        yield
+    except OutOfMemoryError:
+        log.warning("redis_full")
+        raise StorageFull("storage is full; try again later", 30) from None
+
+
+class Heartbeat:
+    """This process's liveness in Redis: a key refreshed every `period`, gone `ttl` after
+    the process stops refreshing it.
+
+    The TTL is several periods, so a replica whose event loop lags for a while is not taken
+    for dead; if it is (a long stall), the first-writer-wins record still leaves one reply.
+    Until it has beaten once (or in processes that never run it, like the retry worker), the
+    tokens it issues carry no owner and are never taken over: their leases lapse instead.
+    """
+
+    def __init__(self, redis: Redis, *, period: float = 0.25, ttl: float = 1.5) -> None:
+        self.redis = redis
+        self.owner = uuid.uuid4().hex[:16]
+        self.period = period
+        self.ttl_ms = int(ttl * 1000)
+        self.active = False
+        self._missing: dict[str, float] = {}  # owner -> when its heartbeat was first missed
+
+    @staticmethod
+    def key(owner: str) -> str:
+        return f"bot:hb:{owner}"
+
+    def token(self) -> str:
+        """A fresh claim or lock token naming this process (while it beats)."""
+        return f"{self.owner if self.active else ''}.{uuid.uuid4().hex}"
+
+    async def gone(self, token: str) -> bool:
+        """Whether the process that issued `token` has stopped beating (so it died)."""
+        owner, named, _ = token.removeprefix("P").partition(".")
+        if not named or not owner or owner == self.owner:
+            return False  # issued by a process without a heartbeat (or by this one)
+        try:
+            alive = bool(await self.redis.exists(self.key(owner)))
+        except RedisError:
+            return False  # cannot tell: wait for the lease instead
+        now = time.monotonic()
+        if alive:
+            self._missing.pop(owner, None)
+            return False
+        if len(self._missing) > 1024:
+            self._missing.clear()  # bounded: a few replicas' ids are ever in it
+        # Gone only when missing for a beat and a half: a live process whose key vanished
+        # (a flushed or restarted Redis) puts it back within one period.
+        return now - self._missing.setdefault(owner, now) >= 1.5 * self.period
+
+    async def beat(self) -> None:
+        key = self.key(self.owner)
+        # PEXPIRE first: Redis allows it even when full, so a full Redis does not make every
+        # replica look dead to the others.
+        if not await self.redis.pexpire(key, self.ttl_ms):
+            await self.redis.set(key, "1", px=self.ttl_ms)
+        self.active = True
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Beat in the background for the life of the block."""
+
+        async def run() -> None:
+            failing = False
+            while True:
+                try:
+                    await self.beat()
+                    failing = False
+                except RedisError as exc:
+                    if not failing:
+                        log.warning("heartbeat_failed", error=type(exc).__name__)
+                    failing = True
+                await asyncio.sleep(self.period)
+
+        task = asyncio.create_task(run())
+        log.info("heartbeat_started", owner=self.owner)  # names this replica in its claims
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.active = False
 
 
 def user_key(user_id: str, kind: str) -> str:
@@ -58,7 +179,7 @@ class Admission:
     """The outcome of `Store.admit`."""
 
     kind: str  # ok | stored | done | pending | limited
-    token: str = ""
+    token: str = ""  # the claim taken (ok); the claim that holds the message (pending)
     record: dict[str, Any] | None = None
     rate: RateState | None = None
     context: list[dict[str, Any]] = field(default_factory=list)
@@ -75,7 +196,9 @@ class Store:
         self.policy = policy
         self.lease_ms = lease_ms
         self.record_ttl = record_ttl
+        self.heartbeat = Heartbeat(redis)
         self._admit = redis.register_script(files("bot").joinpath("admit.lua").read_text())
+        self._finish = redis.register_script(files("bot").joinpath("finish.lua").read_text())
         self._prefs_set = redis.register_script(_PREFS_SET)
         self._release = redis.register_script(_RELEASE)
 
@@ -87,13 +210,16 @@ class Store:
         want_context: bool,
         limit: bool = True,
         answered: tuple[dict[str, Any], dict[str, Any]] | None = None,
+        take_over: str = "",
     ) -> Admission:
         """Look up, rate-limit and claim a message; fetch the context when asked.
 
         With `answered` (the record and context entry of an answer known in advance), an
-        admitted message is stored at once (`kind == "stored"`) instead of claimed.
+        admitted message is stored at once (`kind == "stored"`) instead of claimed. With
+        `take_over` (a claim seen pending whose holder's heartbeat is gone), that claim is
+        taken over if it is still the one holding the message.
         """
-        token = uuid.uuid4().hex
+        token = self.heartbeat.token()
         finished: list[str | int | bytes] = []
         if answered is not None:
             record, entry = answered
@@ -104,28 +230,30 @@ class Store:
                 CONTEXT_SIZE,
                 CONTEXT_TTL,
             ]
-        res = await self._admit(
-            keys=[
-                record_key(user_id, message_id),
-                user_key(user_id, "rl"),
-                user_key(user_id, "ctx"),
-            ],
-            args=[
-                self.policy.interval_us,
-                self.policy.burst,
-                token,
-                self.lease_ms,
-                int(want_context),
-                int(limit),
-                *finished,
-            ],
-        )
+        with refusing_when_full():
+            res = await self._admit(
+                keys=[
+                    record_key(user_id, message_id),
+                    user_key(user_id, "rl"),
+                    user_key(user_id, "ctx"),
+                ],
+                args=[
+                    self.policy.interval_us,
+                    self.policy.burst,
+                    token,
+                    self.lease_ms,
+                    int(want_context),
+                    int(limit),
+                    take_over,
+                    *finished,
+                ],
+            )
         kind = res[0]
         if kind == "done":
             rate = RateState(int(res[2]), int(res[3]) / 1e6) if limit else None
             return Admission("done", record=orjson.loads(res[1]), rate=rate)
         if kind == "pending":
-            return Admission("pending", pending_ms=int(res[1]))
+            return Admission("pending", token=res[2], pending_ms=int(res[1]))
         if kind == "limited":
             retry, reset = int(res[1]) / 1e6, int(res[2]) / 1e6
             return Admission("limited", rate=RateState(0, reset, retry))
@@ -141,44 +269,31 @@ class Store:
         message_id: str,
         record: dict[str, Any],
         context_entry: dict[str, Any] | None,
-    ) -> None:
-        """Store the answer for replays and append the exchange to the context, atomically."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(record_key(user_id, message_id), orjson.dumps(record), ex=self.record_ttl)
-        if context_entry is not None:
-            ctx = user_key(user_id, "ctx")
-            pipe.lpush(ctx, orjson.dumps(context_entry))
-            pipe.ltrim(ctx, 0, CONTEXT_SIZE - 1)
-            pipe.expire(ctx, CONTEXT_TTL)
-        await pipe.execute()
+    ) -> dict[str, Any] | None:
+        """Store the answer for replays and append the exchange to the context, atomically.
+
+        First writer wins: returns None when stored, or the record another request stored
+        first (after a takeover), which is then this message's one answer.
+        """
+        with refusing_when_full():
+            current = await self._finish(
+                keys=[record_key(user_id, message_id), user_key(user_id, "ctx")],
+                args=[
+                    orjson.dumps(record),
+                    self.record_ttl,
+                    orjson.dumps(context_entry) if context_entry is not None else "",
+                    CONTEXT_SIZE,
+                    CONTEXT_TTL,
+                ],
+            )
+        if not current:
+            return None
+        winner: dict[str, Any] = orjson.loads(current)
+        return winner
 
     async def release(self, user_id: str, message_id: str, token: str) -> None:
         """Give up a claim (the message was not answered), so a retry can take it."""
         await self._release(keys=[record_key(user_id, message_id)], args=["P" + token])
-
-    async def record(self, user_id: str, message_id: str) -> dict[str, Any] | str | None:
-        """The stored record, ``"pending"`` while claimed, or None."""
-        raw = await self.redis.get(record_key(user_id, message_id))
-        if raw is None:
-            return None
-        if raw.startswith("P"):
-            return "pending"
-        result: dict[str, Any] = orjson.loads(raw)
-        return result
-
-    async def wait_record(
-        self, user_id: str, message_id: str, deadline: float, poll: float = 0.02
-    ) -> dict[str, Any] | None:
-        """Wait for another request's record; None when its claim lapsed or time ran out."""
-        while time.monotonic() < deadline:
-            rec = await self.record(user_id, message_id)
-            if rec is None:
-                return None
-            if rec != "pending":
-                assert isinstance(rec, dict)
-                return rec
-            await asyncio.sleep(poll)
-        return None
 
     async def context(self, user_id: str) -> list[dict[str, Any]]:
         """The user's recent exchanges, oldest first."""
@@ -188,18 +303,31 @@ class Store:
     # Preferences -------------------------------------------------------------------------
 
     async def prefs(self, user_id: str) -> dict[str, str]:
-        result: dict[str, str] = await self.redis.hgetall(user_key(user_id, "prefs"))
+        """All of the user's preferences (a use: their TTL starts again)."""
+        name = user_key(user_id, "prefs")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(name)
+        pipe.expire(name, PREFS_TTL)  # allowed even when Redis is full
+        result: dict[str, str] = (await pipe.execute())[0]
         return result
 
     async def pref(self, user_id: str, key: str) -> str | None:
-        result: str | None = await self.redis.hget(user_key(user_id, "prefs"), key)
+        """One preference (a use: their TTL starts again)."""
+        name = user_key(user_id, "prefs")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(name, key)
+        pipe.expire(name, PREFS_TTL)
+        result: str | None = (await pipe.execute())[0]
         return result
 
     async def set_prefs(self, user_id: str, values: dict[str, str]) -> dict[str, str]:
         """Merge `values` into the user's preferences; all or nothing."""
         if values:
             args: list[str | int] = [x for kv in values.items() for x in kv]
-            n = await self._prefs_set(keys=[user_key(user_id, "prefs")], args=[*args, MAX_PREFS])
+            with refusing_when_full():
+                n = await self._prefs_set(
+                    keys=[user_key(user_id, "prefs")], args=[*args, MAX_PREFS, PREFS_TTL]
+                )
             if int(n) < 0:
                 raise TooManyPrefs(f"at most {MAX_PREFS} preferences per user")
         return await self.prefs(user_id)

@@ -20,7 +20,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from bot import metrics
-from bot.answers import Answer, Answerer
+from bot.answers import Answer, Answerer, bounded
 from bot.breaker import BreakerAnswerer, CircuitBreaker
 from bot.cache import CachedAnswerer
 from bot.errors import UpstreamUnavailable
@@ -61,7 +61,7 @@ class _HttpUpstream:
         try:
             text = await self._call(question, context)
             outcome = "ok"
-            return Answer(text)
+            return Answer(bounded(text))
         except TimeoutError:
             outcome = "timeout"
             raise UpstreamUnavailable("upstream timed out") from None

@@ -4,12 +4,14 @@
 `POST /v1/chat/completions`) answers after `latency_ms`;
 `POST /admin/faults` sets `error_rate`, `latency_ms` and `outage`; `GET /admin/stats` counts
 calls and failures; `POST /admin/reset` clears both. Answers carry the call's sequence
-number so tests can tell one upstream call from another.
+number so tests can tell one upstream call from another, and `POST /answer`'s a digest of
+the context it was given (so a test sees whose conversation an answer was computed with).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,7 +74,10 @@ async def answer(request: web.Request) -> web.Response:
         return failed
     stats: Stats = request.app[STATS]["now"]
     stats.last = {"q": q, "context": context}
-    return _json({"answer": f"[{stats.calls}] You asked: {q}", "context_messages": len(context)})
+    text = f"[{stats.calls}] You asked: {q}"
+    if context:
+        text += f" (context {hashlib.sha256(orjson.dumps(context)).hexdigest()[:12]})"
+    return _json({"answer": text, "context_messages": len(context)})
 
 
 async def chat_completions(request: web.Request) -> web.Response:

@@ -10,11 +10,15 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
+from aiohttp import web
 from prometheus_client import REGISTRY
 
 from bot.answers import Answer
 from bot.breaker import CLOSED, HALF_OPEN, OPEN, BreakerAnswerer, CircuitBreaker
 from bot.errors import UpstreamUnavailable
+from bot.settings import load_settings
+from bot.upstream import UpstreamClient
+from infra.stub import create_stub_app
 from tests.support import Stack, unique
 
 
@@ -58,14 +62,13 @@ def test_opens_on_failure_ratio_only_with_enough_calls() -> None:
 def test_failures_outside_the_window_do_not_count() -> None:
     clock = Clock()
     b = breaker(clock)
-    for _ in range(3):
-        b.failure()
-        b.success()  # no streak
+    for ok in (False, False, True, True):  # 2 of 4: one more failure would open it
+        b.success() if ok else b.failure()
+    assert b.state == CLOSED
     clock.now += 11  # the window rolled past them
     b.success()
-    b.success()
     b.failure()
-    assert b.state == CLOSED  # 1 of 3 in the window
+    assert b.state == CLOSED  # 1 of 2 in the window (3 of 6 had the old ones counted)
 
 
 def test_opens_on_consecutive_failures_below_min_calls() -> None:
@@ -123,6 +126,40 @@ def test_retry_after_opens_at_once_for_that_long() -> None:
     assert b.state == HALF_OPEN
 
 
+def test_a_call_started_before_the_circuit_opened_cannot_close_it() -> None:
+    clock = Clock()
+    b = breaker(clock, consecutive=2)
+    slow = b.acquire()  # a slow call goes out while the circuit is closed
+    b.failure(b.acquire())
+    b.failure(b.acquire())
+    assert b.state == OPEN
+    b.success(slow)  # ... and succeeds late, while the circuit is open
+    assert b.state == OPEN and gauge() == 1
+    clock.now += 3
+    assert b.state == HALF_OPEN
+    b.success(slow)  # nor while half-open: only the probe's verdict counts
+    assert b.state == HALF_OPEN
+    probe = b.acquire()
+    b.failure(slow)  # a late failure from before does not re-open it either
+    assert b.state == HALF_OPEN
+    b.success(probe)
+    assert b.state == CLOSED
+
+
+def test_a_late_verdict_from_an_earlier_closed_period_is_ignored() -> None:
+    clock = Clock()
+    b = breaker(clock, consecutive=2, open_seconds=1)
+    old = b.acquire()
+    b.failure(b.acquire())
+    b.failure(b.acquire())
+    clock.now += 1
+    b.success(b.acquire())  # the probe closes it: a new closed period
+    assert b.state == CLOSED
+    b.failure(old)  # the pre-outage call fails late: not part of the new period's streak
+    b.failure(b.acquire())
+    assert b.state == CLOSED
+
+
 class Flaky:
     def __init__(self) -> None:
         self.calls = 0
@@ -151,6 +188,36 @@ async def test_answerer_counts_short_circuits_and_never_calls_while_open() -> No
     inner.fail = False
     assert (await guarded.answer("q", [])).text == "ok"
     assert guarded.breaker.state == CLOSED
+
+
+async def test_a_slow_real_call_that_succeeds_after_an_outage_opened_the_circuit_keeps_it_open(
+    unused_tcp_port: int,
+) -> None:
+    """Real HTTP calls to the stub: one slow call goes out, an outage (503 + Retry-After)
+    opens the circuit meanwhile, and the slow call's late 200 must not close it."""
+    runner = web.AppRunner(create_stub_app(latency_ms=600))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    settings = load_settings({"UPSTREAM_URL": f"http://127.0.0.1:{unused_tcp_port}"})
+    try:
+        async with aiohttp.ClientSession() as session:
+            b = breaker(Clock(), consecutive=3, open_seconds=30)
+            guarded = BreakerAnswerer(UpstreamClient(session, settings), b)
+            slow = asyncio.create_task(guarded.answer("slow", []))
+            await asyncio.sleep(0.2)  # it is past the stub's fault check, sleeping
+            async with session.post(
+                f"http://127.0.0.1:{unused_tcp_port}/admin/faults", json={"outage": True}
+            ) as r:
+                assert r.status == 200
+            with pytest.raises(UpstreamUnavailable):
+                await guarded.answer("now", [])  # 503 with Retry-After: open at once
+            assert b.state == OPEN
+            assert (await slow).text.endswith("You asked: slow")  # the late success...
+            assert b.state == OPEN  # ... leaves it open
+            with pytest.raises(UpstreamUnavailable, match="circuit is open"):
+                await guarded.answer("again", [])
+    finally:
+        await runner.cleanup()
 
 
 # --- a real outage, through the replicas of a private stack -------------------------------

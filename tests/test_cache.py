@@ -100,12 +100,18 @@ async def test_failure_without_a_stale_copy_raises_with_retry_after(redis: Redis
     assert lookups("miss") - before == 1
 
 
-async def test_context_is_not_part_of_the_key(redis: Redis) -> None:
+async def test_answers_asked_with_context_are_neither_served_nor_stored(redis: Redis) -> None:
     upstream = CountingUpstream()
-    cache = cached(redis, upstream)
-    first = await cache.answer("q-ctx", [{"q": "hello", "a": "hi"}])
-    second = await cache.answer("q-ctx", [{"q": "something else", "a": "ok"}])
-    assert (second.cache, second.text, upstream.calls) == ("HIT", first.text, 1)
+    cache = cached(redis, upstream, ttl=60)
+    shared = await cache.answer("q-ctx", [])
+    mine = await cache.answer("q-ctx", [{"q": "my secret", "a": "ok"}])
+    assert (mine.cache, mine.text) == ("MISS", "[2] q-ctx")  # not the shared answer
+    assert (await cache.answer("q-ctx", [])).text == shared.text  # nor did it replace it
+
+    await cache.answer("q-ctx-first", [{"q": "my secret", "a": "ok"}])
+    fresh = await cache.answer("q-ctx-first", [])
+    assert (fresh.cache, fresh.text) == ("MISS", "[4] q-ctx-first")  # nothing was left behind
+    assert upstream.calls == 4
 
 
 async def test_single_flight_across_processes_calls_once(redis_url: str) -> None:

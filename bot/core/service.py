@@ -1,7 +1,18 @@
-"""The bot: one message in, one answer out, exactly once per message id."""
+"""The bot: one message in, one answer out, exactly once per message id.
+
+Duplicates (a client's retries, NGINX's resend, a flood) cost almost nothing: inside a
+replica, every request for one message shares a single flight (the first one's), so however
+many duplicates arrive, the replica makes one admission and, while another replica holds the
+message, one wait: it polls Redis with a backoff, and takes the claim over at once when its
+holder's heartbeat is gone. At most `max_waiting` duplicates wait per replica; beyond that a
+duplicate gets `503 busy` with `Retry-After` at once. Duplicates of a message still in
+progress are not counted against the rate limit (NGINX's resend of an admitted message must
+not be), but they cannot multiply the work either.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -10,16 +21,21 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from bot import metrics
+from bot.answers import bounded
+from bot.cache import CachedAnswerer
 from bot.core import commands
 from bot.core.validation import Message, check_pref_key, check_pref_value
 from bot.errors import BadRequest, RateLimited, Unavailable, UpstreamUnavailable
 from bot.inbox import Inbox
 from bot.logging import get_logger
 from bot.ratelimit import LocalLimiter, Policy, RateState
-from bot.store import Admission, Store, TooManyPrefs
+from bot.store import CONTEXT_TEXT_MAX, Admission, StorageFull, Store, TooManyPrefs
 from bot.upstream import Answerer
 
 log = get_logger(__name__)
+
+MAX_WAITING_DUPLICATES = 64  # per replica: a quarter of the default BOT_MAX_INFLIGHT
+_POLL = (0.02, 0.25)  # seconds between looks at a claim another replica holds: first, most
 
 
 @dataclass(slots=True)
@@ -69,6 +85,7 @@ class BotService:
         inbox: Inbox | None = None,
         wait_timeout: float = 10.0,
         limit: bool = True,
+        max_waiting: int = MAX_WAITING_DUPLICATES,
     ) -> None:
         self.store = store
         self.answerer = answerer
@@ -78,6 +95,13 @@ class BotService:
         self.inbox = inbox  # where deferred replies land; replays of a 202 look there
         self.wait_timeout = wait_timeout
         self.limit = limit
+        self.max_waiting = max_waiting
+        self._flights: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
+        self._waiting = 0
+        if isinstance(answerer, CachedAnswerer):
+            # Its single-flight locks name this process too, so a waiter on another replica
+            # takes over the lock of a question whose asker died, as it does the claim.
+            answerer.heartbeat = store.heartbeat
 
     async def handle(self, msg: Message) -> Outcome:
         """Answer `msg`, or replay the answer it already had."""
@@ -85,19 +109,52 @@ class BotService:
         # An answer that needs nothing but the text (/help, /echo) is stored with the
         # admission itself: one Redis round trip for the whole message.
         known = self._known_answer(msg, cmd)
+        key = (msg.user_id, msg.message_id)
+        flight = self._flights.get(key)
+        if flight is not None:
+            return await self._join(flight)
+        flight = asyncio.ensure_future(self._handle(msg, cmd, known))
+        self._flights[key] = flight
+        flight.add_done_callback(lambda done: self._landed(key, done))
+        # Shielded: the first asker going away must not cancel the others' answer.
+        return await asyncio.shield(flight)
+
+    async def _join(self, flight: asyncio.Future[Outcome]) -> Outcome:
+        """A duplicate of a message this replica is handling: its answer, at no cost."""
+        if self._waiting >= self.max_waiting:
+            raise Unavailable("the same message is still being processed", 1, code="busy")
+        self._waiting += 1
+        try:
+            outcome = await asyncio.shield(flight)
+        finally:
+            self._waiting -= 1
+        metrics.MESSAGES.labels(outcome="duplicate").inc()
+        return Outcome(outcome.status, outcome.body, replayed=True)
+
+    def _landed(self, key: tuple[str, str], flight: asyncio.Future[Outcome]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every asker may have gone
+
+    async def _handle(self, msg: Message, cmd: commands.Command, known: Outcome | None) -> Outcome:
         deadline = time.monotonic() + self.wait_timeout
+        delay, take_over = _POLL[0], ""
         while True:
-            adm = await self._admit(msg, cmd, known)
+            adm = await self._admit(msg, cmd, known, take_over)
             if adm.kind != "pending":
                 break
-            # Another request (a concurrent duplicate, or NGINX's resend of this one) holds
-            # the claim: wait for its answer; if its holder dies, the claim lapses and we
-            # take over.
-            record = await self.store.wait_record(msg.user_id, msg.message_id, deadline)
-            if record is not None:
-                return await self._replay(msg, record)
+            # Another request (NGINX's resend of this one, a duplicate on another replica)
+            # holds the claim: wait for its record, polling with a backoff; if its holder's
+            # heartbeat is gone (it died mid-answer), take the claim over at once.
             if time.monotonic() >= deadline:
                 raise Unavailable("the same message is still being processed", 1, code="busy")
+            take_over = adm.token if await self.store.heartbeat.gone(adm.token) else ""
+            if not take_over:
+                await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+                delay = min(delay * 1.5, _POLL[1])
+        if take_over and adm.kind in ("ok", "stored"):
+            log.info("claim_taken_over", message_id=msg.message_id)
         if adm.kind == "done":
             assert adm.record is not None
             replay = await self._replay(msg, adm.record)
@@ -125,7 +182,9 @@ class BotService:
             raise
         outcome.rate = adm.rate
         if adm.token:
-            await self._finish(msg, outcome)
+            winner = await self._finish(msg, outcome, adm.token)
+            if winner is not None:  # answered twice after a takeover: the first one counts
+                return await self._replay(msg, winner)
         return outcome
 
     def _known_answer(self, msg: Message, cmd: commands.Command) -> Outcome | None:
@@ -138,7 +197,9 @@ class BotService:
             return self._replied(msg, cmd.args[0], cached=False)
         return None
 
-    async def _admit(self, msg: Message, cmd: commands.Command, known: Outcome | None) -> Admission:
+    async def _admit(
+        self, msg: Message, cmd: commands.Command, known: Outcome | None, take_over: str = ""
+    ) -> Admission:
         answered = None
         if known is not None:
             answered = (self._record(known), self._context_entry(msg, known))
@@ -149,6 +210,7 @@ class BotService:
                 want_context=cmd.name == "ask",
                 limit=self.limit,
                 answered=answered,
+                take_over=take_over,
             )
         except RedisError as exc:
             # Fail open to the per-replica limiter: Redis trouble must not become a 5xx.
@@ -186,14 +248,22 @@ class BotService:
 
     @staticmethod
     def _context_entry(msg: Message, outcome: Outcome) -> dict[str, Any]:
-        return {"q": msg.text, "a": outcome.body["reply"], "at": _now()}
+        """The exchange as kept in the context, each side cut to a bounded size."""
+        q = bounded(msg.text, CONTEXT_TEXT_MAX)
+        return {"q": q, "a": bounded(outcome.body["reply"], CONTEXT_TEXT_MAX), "at": _now()}
 
-    async def _finish(self, msg: Message, outcome: Outcome) -> None:
+    async def _finish(self, msg: Message, outcome: Outcome, token: str) -> dict[str, Any] | None:
+        """Store the record; the record stored first by someone else, if there was one."""
         entry = self._context_entry(msg, outcome) if outcome.status == 200 else None
         try:
-            await self.store.finish(msg.user_id, msg.message_id, self._record(outcome), entry)
-        except RedisError:
-            log.warning("record_store_failed", message_id=msg.message_id)
+            return await self.store.finish(
+                msg.user_id, msg.message_id, self._record(outcome), entry
+            )
+        except (RedisError, StorageFull) as exc:
+            # The answer still goes out; with no record, a resend may be answered again.
+            log.warning("record_store_failed", message_id=msg.message_id, error=type(exc).__name__)
+            await self._release(msg, token)
+            return None
 
     async def _run(
         self, msg: Message, cmd: commands.Command, context: list[dict[str, Any]]
