@@ -96,6 +96,10 @@ NGINX_ERRORS: list[tuple[str, bytes, int, str]] = [
      "not_implemented"),
     ("HTTP/2.0 request line", b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", 505,
      "http_version_not_supported"),
+    ("raw non-ASCII byte in the query", "GET /v1/users/u1/replies?limit=\u00b2 HTTP/1.1\r\n"
+     "Host: x\r\n\r\n".encode(), 400, "bad_request"),
+    ("control byte in the path", b"GET /v1/users/u\x01/prefs HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+     "bad_request"),
 ]  # fmt: skip
 
 
@@ -114,6 +118,16 @@ def test_every_error_nginx_answers_itself_is_json(
     assert error["code"] == code and error["message"]
     if status == 405:
         assert "POST" in headers["allow"]
+
+
+def test_many_small_headers_nginx_accepts_are_parsed_by_the_replica(stack: Stack) -> None:
+    """aiohttp refuses more than 128 headers with a plain-text 400 by default; whatever NGINX
+    lets through, the replica must parse and answer as JSON."""
+    extra = "".join(f"X-H{i}: v\r\n" for i in range(300))
+    request = f"GET /v1/users/u1/prefs HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+    status, _, body = raw(stack, request)
+    assert status == 200, body
+    assert "prefs" in orjson.loads(body)
 
 
 def test_an_http_1_0_request_without_host_reaches_the_replicas(stack: Stack) -> None:
