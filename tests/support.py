@@ -213,7 +213,10 @@ class Stack:
         path = self.paths.logs / "nginx-access.log"
         if not path.exists():
             return []
-        return [orjson.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # NGINX's escape=json leaves bytes >= 0x80 of a decoded $uri as they are: a hostile
+        # client's %C0 makes a line that is not UTF-8. Readers of the log must cope.
+        text = path.read_bytes().decode("utf-8", "replace")
+        return [orjson.loads(line) for line in text.splitlines() if line.strip()]
 
     def logs(self, name: str) -> str:
         path = self.paths.logs / f"{name}.log"
