@@ -16,6 +16,8 @@ from bot import metrics
 from bot.api import docs, health, messages, middleware, prefs, replies
 from bot.api.keys import (
     HTTP,
+    KEY_LIMITER,
+    LONGPOLLS,
     READINESS,
     REDIS,
     SERVICE,
@@ -24,10 +26,11 @@ from bot.api.keys import (
     STORE,
     UPSTREAM_PROBE,
 )
+from bot.api.longpoll import LongPolls
 from bot.core.service import BotService
 from bot.inbox import Inbox
 from bot.logging import get_logger
-from bot.ratelimit import LocalLimiter, Policy
+from bot.ratelimit import LocalLimiter, Policy, SharedLimiter
 from bot.retries.broker import Broker
 from bot.retries.outbox import Outbox, Relay
 from bot.retries.publisher import RetryQueue
@@ -42,17 +45,18 @@ Check = Callable[[], Awaitable[bool]]
 def create_app(settings: Settings) -> web.Application:
     """A bot replica: the public API plus /healthz and /readyz (metrics are served apart)."""
     app = web.Application(
-        middlewares=[middleware.observe, middleware.shed, middleware.authenticate],
+        middlewares=middleware.build(settings),
         client_max_size=messages.MAX_BODY,
     )
     app[SETTINGS] = settings
     app[STATE] = {"draining": False, "inflight": 0}
     app[READINESS] = []
+    app[LONGPOLLS] = LongPolls(settings.longpoll_max, settings.longpoll_per_user)
     app.cleanup_ctx.extend([redis_ctx, http_ctx, service_ctx, retries_ctx, dependency_watch_ctx])
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_post("/v1/messages", messages.post_message)
-    app.router.add_get("/v1/users/{user_id}/replies", replies.get_replies)
+    app.router.add_get(replies.ROUTE, replies.get_replies)
     app.router.add_get("/v1/openapi.json", docs.openapi)
     prefs.add_routes(app.router)
     return app
@@ -137,10 +141,23 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         wait_timeout=lease_ms / 1000 + 1,
         limit=settings.rate_limit_enabled,
     )
-    if not settings.api_keys:
-        log.warning("api_keys_unset", hint="set BOT_API_KEYS: /v1/* is open to anyone")
+    if settings.api_keys and settings.key_rate_limit is not None:
+        app[KEY_LIMITER] = SharedLimiter(
+            app[REDIS],
+            Policy(settings.key_rate_limit, settings.key_rate_burst, "key"),
+            settings.replicas,
+            "apikey",
+        )
+    log_api_access(settings)
     metrics.init()
     yield
+
+
+def log_api_access(settings: Settings) -> None:
+    """One line at start saying who /v1/* answers when no keys are set."""
+    if not settings.api_keys:
+        serving = "everyone" if settings.open_api else "loopback_only"
+        log.warning("api_keys_unset", serving=serving, hint="/v1/* answers " + settings.api_access)
 
 
 async def retries_ctx(app: web.Application) -> AsyncIterator[None]:

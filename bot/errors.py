@@ -37,6 +37,13 @@ class Unauthorized(BotError):
         return {"WWW-Authenticate": 'Bearer realm="bot"'}
 
 
+class Forbidden(BotError):
+    """Authenticated (or not needing to be) but not allowed: a key's user prefix, an address."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(BotError):
     status = 404
     code = "not_found"
@@ -85,9 +92,14 @@ class RateLimited(_RetryLater):
     code = "rate_limited"
 
     def __init__(
-        self, message: str, retry_after: float = 1.0, *, extra: dict[str, str] | None = None
+        self,
+        message: str,
+        retry_after: float = 1.0,
+        *,
+        extra: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
-        super().__init__(message, retry_after)
+        super().__init__(message, retry_after, code=code)
         self.extra = extra or {}
 
     def headers(self) -> dict[str, str]:

@@ -28,10 +28,21 @@ PAGE = 100
 MAX_WAIT = 30.0
 # XREAD BLOCK in slices below the Redis client's 1 s socket timeout.
 _BLOCK_SLICE_MS = 700
-CURSOR_RE = re.compile(r"0|\d{1,20}-\d{1,20}")
+# A stream entry id: two unsigned 64-bit integers in ASCII digits (re's \d takes any Unicode
+# digit, which Redis refuses); `valid_cursor` checks the range too.
+_CURSOR_RE = re.compile(r"0|([0-9]{1,20})-([0-9]{1,20})")
+_U64_MAX = 2**64 - 1
 APOLOGY = (
     "Sorry, I could not get an answer to your message in time. Please ask again in a little while."
 )
+
+
+def valid_cursor(cursor: str) -> bool:
+    """Whether Redis takes `cursor` as a stream id (``0`` or ``ms-seq``, each part < 2**64)."""
+    m = _CURSOR_RE.fullmatch(cursor)
+    return m is not None and (
+        m.group(1) is None or (int(m.group(1)) <= _U64_MAX and int(m.group(2)) <= _U64_MAX)
+    )
 
 
 def _now() -> str:

@@ -52,6 +52,10 @@ INFLIGHT = Gauge("bot_inflight_requests", "Requests being handled by this proces
 RETRY_JOBS_PUBLISHED = Counter("bot_retry_jobs_published", "Retry jobs confirmed by the broker")
 RETRY_ATTEMPTS = Counter("bot_retry_attempts", "Retry attempts by outcome", ["outcome"])
 RETRY_QUEUE_MESSAGES = Gauge("bot_retry_queue_messages", "Messages in retry queues", ["queue"])
+# Why each job reached the dead-letter queue (one of DEAD_REASONS).
+DEAD_LETTERS = Counter(
+    "bot_retry_dead_letters", "Jobs moved to the dead-letter queue, by reason", ["reason"]
+)
 REPLIES_DELIVERED = Counter("bot_replies_delivered", "Deferred replies stored in inboxes")
 DEPENDENCY_UP = Gauge(
     "bot_dependency_up", "Dependency reachability from this process", ["dependency"]
@@ -59,6 +63,9 @@ DEPENDENCY_UP = Gauge(
 BUILD_INFO = Gauge("bot_build_info", "Build information (always 1)", ["version"])
 
 MESSAGE_OUTCOMES = ("replied", "queued", "rate_limited", "duplicate", "rejected", "shed")
+# max_attempts: the upstream kept failing; redelivered: the worker kept dying or failing on it;
+# unreadable: a work-queue body that is not a job; outbox_unreadable: the same in the outbox.
+DEAD_REASONS = ("max_attempts", "redelivered", "unreadable", "outbox_unreadable")
 
 
 def init() -> None:
@@ -72,6 +79,8 @@ def init() -> None:
         UPSTREAM_REQUESTS.labels(outcome=outcome)
     for outcome in ("success", "retry", "dead"):
         RETRY_ATTEMPTS.labels(outcome=outcome)
+    for reason in DEAD_REASONS:
+        DEAD_LETTERS.labels(reason=reason)
     CIRCUIT_STATE.set(0)
 
 

@@ -4,6 +4,9 @@ The shared limiter runs inside Redis as part of the admission script (`admit.lua
 `bot.store.Store.admit`) so that limit, idempotency and context cost one round trip. When
 Redis does not answer, each replica limits on its own with `LocalLimiter` at
 ``rate / BOT_REPLICAS`` (fail open, but not unlimited) and goes back to Redis by itself.
+
+`SharedLimiter` is the same GCRA for a bucket that is not a user (one per API key, so an
+integration rotating user_ids meets a limit too): one script (`gcra.lua`), one round trip.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from importlib.resources import files
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bot import metrics
 from bot.settings import Rate
 
 
@@ -26,6 +34,7 @@ class Policy:
 
     rate: Rate
     burst: int
+    name: str = "user"  # the policy's name in the RateLimit headers
 
     @property
     def interval_us(self) -> int:
@@ -45,7 +54,7 @@ class Policy:
         if share <= 1:
             return self
         rate = Rate(max(1, self.rate.count // share), self.rate.period)
-        return Policy(rate, max(0, self.capacity // share - 1))
+        return Policy(rate, max(0, self.capacity // share - 1), self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +68,8 @@ class RateState:
     def headers(self, policy: Policy) -> dict[str, str]:
         """IETF draft-ietf-httpapi-ratelimit-headers (structured fields form)."""
         return {
-            "RateLimit-Policy": f'"user";q={policy.capacity};w={policy.window}',
-            "RateLimit": f'"user";r={max(0, self.remaining)};t={math.ceil(self.reset_s)}',
+            "RateLimit-Policy": f'"{policy.name}";q={policy.capacity};w={policy.window}',
+            "RateLimit": f'"{policy.name}";r={max(0, self.remaining)};t={math.ceil(self.reset_s)}',
         }
 
 
@@ -88,3 +97,27 @@ class LocalLimiter:
             self._tat.popitem(last=False)
         remaining = math.floor((tau + t - (new_tat - now)) / t)
         return RateState(remaining, new_tat - now)
+
+
+class SharedLimiter:
+    """GCRA in Redis for named buckets (API keys); the local limiter while Redis is away."""
+
+    def __init__(self, redis: Redis, policy: Policy, replicas: int, namespace: str) -> None:
+        self.policy = policy
+        self.local = LocalLimiter(policy.scaled(replicas), max_users=10_000)
+        self._namespace = namespace
+        self._script = redis.register_script(files("bot").joinpath("gcra.lua").read_text())
+
+    async def check(self, name: str) -> RateState:
+        """Take one token from bucket `name`; `retry_after_s > 0` means limited."""
+        try:
+            allowed, first, reset_us = await self._script(
+                keys=[f"bot:{{{self._namespace}:{name}}}:gcra"],
+                args=[self.policy.interval_us, self.policy.burst],
+            )
+        except RedisError:
+            metrics.RATELIMIT_BACKEND_ERRORS.inc()
+            return self.local.check(name)
+        if allowed:
+            return RateState(int(first), reset_us / 1e6)
+        return RateState(0, reset_us / 1e6, first / 1e6)

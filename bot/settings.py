@@ -6,13 +6,21 @@ the variable; the CLI turns that into one clear line and exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*$")
+_RATE_RE = re.compile(r"^\s*([0-9]+)\s*/\s*(second|minute|hour)\s*$")
+# A bearer key: RFC 6750's token68 alphabet, so a header with any other byte never matches.
+_KEY_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+# A key's user_id prefix: the user_id alphabet (contract.md), never "=".
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 
 
@@ -50,6 +58,56 @@ def parse_rate(text: str) -> Rate:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One bearer key of `BOT_API_KEYS`, limited to users starting `prefix` when it is set.
+
+    `digest` (SHA-256 of the key) is what requests are compared against: equal lengths, so
+    the comparison takes the same time whatever was presented.
+    """
+
+    key: str = dataclasses.field(repr=False)  # a secret: never in a repr, hence a log line
+    prefix: str = ""
+    digest: bytes = dataclasses.field(init=False, repr=False, compare=False)
+    ident: str = dataclasses.field(init=False, compare=False)  # its name in Redis; not secret
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(self.key.encode()).digest()
+        object.__setattr__(self, "digest", digest)
+        object.__setattr__(self, "ident", digest.hex()[:16])
+
+    def allows(self, user_id: str) -> bool:
+        return user_id.startswith(self.prefix)
+
+
+def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
+    """``k1,k2=tg:``: comma-separated keys, each optionally ``=PREFIX`` (a user_id prefix).
+
+    The split is at the last ``=`` followed by a valid prefix, so base64 keys that end in
+    ``=`` padding stay whole (``abc==`` is a key; ``abc===tg:`` is ``abc==`` for ``tg:``).
+    """
+    keys: list[ApiKey] = []
+    for item in (k.strip() for k in text.split(",")):
+        if not item:
+            continue
+        key, sep, prefix = item.rpartition("=")
+        if not (sep and key and _PREFIX_RE.fullmatch(prefix)):
+            key, prefix = item, ""
+        if not _KEY_RE.fullmatch(key):
+            raise ValueError("keys are characters of A-Z a-z 0-9 . _ ~ + / - (then = padding)")
+        keys.append(ApiKey(key, prefix))
+    if len({k.key for k in keys}) != len(keys):
+        raise ValueError("a key is listed twice")
+    return tuple(keys)
+
+
+def parse_networks(text: str) -> tuple[IpNetwork, ...]:
+    """Comma-separated addresses or CIDR networks (``10.0.0.0/8,fd00::/8``)."""
+    return tuple(
+        ipaddress.ip_network(item.strip(), strict=False) for item in text.split(",") if item.strip()
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every knob of the stack, named as in contract.md (plus a few of our own)."""
 
@@ -63,7 +121,17 @@ class Settings:
     rate_limit: Rate = Rate(30, 60.0)
     rate_burst: int = 10
     rate_limit_enabled: bool = True
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()
+    # With no keys, /v1/* answers only loopback clients unless this is set (contract.md).
+    open_api: bool = False
+    # Peers (besides the loopback) whose X-Real-IP names the client: the proxies in front.
+    trusted_proxies: tuple[IpNetwork, ...] = ()
+    # Per-key (per-integration) GCRA beside the per-user one; None when off.
+    key_rate_limit: Rate | None = Rate(1000, 1.0)
+    key_rate_burst: int = 2000
+    # Long polls (replies ?wait=) are not counted in max_inflight; they have their own bounds.
+    longpoll_max: int = 512
+    longpoll_per_user: int = 4
     cache_ttl: float = 300.0
     cache_stale_ttl: float = 86400.0
     upstream_timeout: float = 2.0
@@ -114,9 +182,18 @@ class Settings:
         return self.alertmanager_port + 1
 
     @property
+    def api_access(self) -> str:
+        """Who ``/v1/*`` answers, in words: the replica logs it, `make up` prints it."""
+        if self.api_keys:
+            return "clients with a key of BOT_API_KEYS"
+        if self.open_api:
+            return "everyone, unkeyed (BOT_OPEN_API=1)"
+        return "loopback clients only (set BOT_API_KEYS, or BOT_OPEN_API=1 to open it)"
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line."""
-        return tuple(s for s in (*self.api_keys, self.upstream_api_key) if s)
+        return tuple(s for s in (*(k.key for k in self.api_keys), self.upstream_api_key) if s)
 
 
 _Parser = Callable[[str], object]
@@ -170,8 +247,8 @@ def _bool(v: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _keys(v: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in v.split(",") if k.strip())
+def _rate_or_off(v: str) -> Rate | None:
+    return None if v.strip().lower() in ("", "0", "off") else parse_rate(v)
 
 
 def _text(v: str) -> str:
@@ -197,7 +274,13 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_RATE_LIMIT": ("rate_limit", parse_rate),
     "BOT_RATE_BURST": ("rate_burst", _int(0, 100_000)),
     "BOT_RATE_LIMIT_ENABLED": ("rate_limit_enabled", _bool),
-    "BOT_API_KEYS": ("api_keys", _keys),
+    "BOT_API_KEYS": ("api_keys", parse_api_keys),
+    "BOT_OPEN_API": ("open_api", _bool),
+    "BOT_TRUSTED_PROXIES": ("trusted_proxies", parse_networks),
+    "BOT_KEY_RATE_LIMIT": ("key_rate_limit", _rate_or_off),
+    "BOT_KEY_RATE_BURST": ("key_rate_burst", _int(0, 1_000_000)),
+    "BOT_LONGPOLL_MAX": ("longpoll_max", _int(0, 100_000)),
+    "BOT_LONGPOLL_PER_USER": ("longpoll_per_user", _int(0, 1000)),
     "BOT_CACHE_TTL": ("cache_ttl", _float(0, 30 * 86400)),
     "BOT_CACHE_STALE_TTL": ("cache_stale_ttl", _float(0, 30 * 86400)),
     "BOT_UPSTREAM_TIMEOUT": ("upstream_timeout", _float(0.01, 120)),

@@ -384,6 +384,7 @@ def up(settings: Settings, paths: Paths, env: dict[str, str], timeout: float = 9
         return 1
     print(f"bot stack up ({settings.replicas} replicas), logs in {paths.logs}")
     print(f"  API          http://127.0.0.1:{settings.public_port}/v1/messages")
+    print(f"               /v1/* answers {settings.api_access}")
     for i in range(1, settings.replicas + 1):
         print(
             f"  replica {i}    http://127.0.0.1:{settings.replica_port(i)}  "

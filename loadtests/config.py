@@ -14,8 +14,19 @@ from urllib.parse import urlparse
 
 from bot.settings import Settings, load_settings, merged_environ
 
-SCENARIOS = ("steady", "spike", "ramp", "abuse", "outage", "soak")
+SCENARIOS = ("steady", "spike", "ramp", "abuse", "outage", "soak", "hostile")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# The hostile scenario's clients (loadtests/hostile.py), each from its own address.
+HOSTILE_KINDS = (
+    "bad_params",
+    "long_polls",
+    "duplicates",
+    "malformed",
+    "big_headers",
+    "odd_methods",
+    "rotating_ids",
+    "slow_bodies",
+)
 
 
 class ConfigError(ValueError):
@@ -37,6 +48,10 @@ class Objectives:
     max_mem_growth_mb: float = 25.0  # soak: growth of a process's RSS after warm-up...
     max_mem_growth_share: float = 0.2  # ...and relative to its size (both must be exceeded)
     min_knee_rps: float = 0.0  # ramp: the knee must be at least this many answers/s
+    min_success_share: float = 0.0  # hostile: well-behaved requests answered 200/202
+    max_gateway_errors: int = 0  # 502/504 to anyone (hostile and surge clients included)
+    max_recovery_s: float = 10.0  # spike: seconds after the overload until back in objective
+    recovery_p99_ms: float = 1500.0  # spike: "back" means within the steady scenario's p99
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +73,15 @@ class LoadConfig:
     spike_rise: float
     spike_hold: float
     spike_recovery: float
+    spike_between: float  # seconds at the baseline between the hold and the overload
+    spike_overload: float  # seconds of the phase past the stack's capacity (0: none)
+    spike_overload_users: int  # closed-loop users of that phase
+    hostile_calm: float  # hostile: seconds of well-behaved traffic alone, before and after
+    hostile_long_polls: int  # hostile: concurrent `wait=30` polls from one address
+    hostile_rate: float  # hostile: requests/s of each paced hostile client
+    hostile_duplicates: int  # hostile: concurrent copies of one message_id in a flood
+    hostile_slow_bodies: int  # hostile: concurrent clients dribbling their bodies
+    hostile_kinds: tuple[str, ...]  # hostile: which kinds of hostile client run (empty: all)
     ramp_step_users: int
     ramp_step_seconds: float
     ramp_max_users: int
@@ -105,7 +129,10 @@ _SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
         "objectives": {"p99_ms": 2500.0, "exactly_once": True, "min_queued": 1},
     },
     "soak": {"duration": 600.0, "objectives": {"p99_ms": 1500.0}},
+    # Judged on the steady objective: hostile clients must not cost the others anything.
+    "hostile": {"duration": 60.0, "objectives": {"p99_ms": 1500.0, "min_success_share": 0.999}},
 }
+STEADY_P99_MS: float = _SCENARIO_DEFAULTS["steady"]["objectives"]["p99_ms"]
 
 _OBJECTIVE_ENV = {
     "LOAD_P99_MS": "p99_ms",
@@ -116,6 +143,9 @@ _OBJECTIVE_ENV = {
     "LOAD_SOAK_MAX_GROWTH_MB": "max_mem_growth_mb",
     "LOAD_SOAK_MAX_GROWTH_SHARE": "max_mem_growth_share",
     "LOAD_RAMP_MIN_RPS": "min_knee_rps",
+    "LOAD_MIN_SUCCESS_SHARE": "min_success_share",
+    "LOAD_MAX_GATEWAY_ERRORS": "max_gateway_errors",
+    "LOAD_MAX_RECOVERY_S": "max_recovery_s",
 }
 
 
@@ -124,6 +154,14 @@ def _loopback(url: str, name: str) -> str:
     if host not in LOOPBACK:
         raise ConfigError(f"{name}={url!r}: load is only ever sent to 127.0.0.1")
     return url.rstrip("/")
+
+
+def _hostile_kinds(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    unknown = sorted(set(names) - set(HOSTILE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown {', '.join(unknown)}; of {', '.join(HOSTILE_KINDS)}")
+    return names
 
 
 def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> LoadConfig:
@@ -143,7 +181,7 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
         except ValueError as exc:
             raise ConfigError(f"invalid setting {name}={raw!r}: {exc}") from None
 
-    objectives = Objectives(**defaults.get("objectives", {}))
+    objectives = Objectives(**defaults.get("objectives", {}), recovery_p99_ms=STEADY_P99_MS)
     for var, attr in _OBJECTIVE_ENV.items():
         kind = type(getattr(objectives, attr))
         objectives = replace(objectives, **{attr: get(var, kind, getattr(objectives, attr))})
@@ -161,7 +199,7 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
             get("LOAD_PROMETHEUS_URL", str, f"http://127.0.0.1:{stack.prometheus_port}"),
             "LOAD_PROMETHEUS_URL",
         ),
-        api_key=get("LOAD_API_KEY", str, api_keys[0] if api_keys else ""),
+        api_key=get("LOAD_API_KEY", str, api_keys[0].key if api_keys else ""),
         users=get("LOAD_USERS", int, defaults.get("users", 30)),
         spawn_rate=get("LOAD_SPAWN_RATE", float, 10.0),
         duration=get("LOAD_DURATION", float, defaults.get("duration", 60.0)),
@@ -171,6 +209,18 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
         spike_rise=get("LOAD_SPIKE_RISE", float, 10.0),
         spike_hold=get("LOAD_SPIKE_HOLD", float, 30.0),
         spike_recovery=get("LOAD_SPIKE_RECOVERY", float, 20.0),
+        spike_between=get("LOAD_SPIKE_BETWEEN", float, 10.0),
+        spike_overload=get("LOAD_SPIKE_OVERLOAD", float, 20.0),
+        # Three times what the stack can hold in flight: past capacity whatever its speed.
+        spike_overload_users=get(
+            "LOAD_SPIKE_OVERLOAD_USERS", int, 3 * stack.replicas * stack.max_inflight
+        ),
+        hostile_calm=get("LOAD_HOSTILE_CALM", float, 15.0),
+        hostile_long_polls=get("LOAD_HOSTILE_LONG_POLLS", int, stack.edge_conn),
+        hostile_rate=get("LOAD_HOSTILE_RATE", float, 20.0),
+        hostile_duplicates=get("LOAD_HOSTILE_DUPLICATES", int, 50),
+        hostile_slow_bodies=get("LOAD_HOSTILE_SLOW_BODIES", int, 20),
+        hostile_kinds=get("LOAD_HOSTILE_KINDS", _hostile_kinds, ()),
         ramp_step_users=get("LOAD_RAMP_STEP_USERS", int, 50),
         ramp_step_seconds=get("LOAD_RAMP_STEP_SECONDS", float, 10.0),
         ramp_max_users=get("LOAD_RAMP_MAX_USERS", int, 1000),

@@ -4,8 +4,10 @@ Run through `python -m loadtests.run SCENARIO` (which sets LOAD_SCENARIO and LOA
 not by hand. Every user has its own `user_id` and sends fresh `message_id`s: a mix of
 `/echo`, questions of Zipf-like popularity (so the answer cache matters; a share of them
 never asked before), `/prefs` and `/help`; after a 202 it polls its inbox until the reply
-arrives. Abusers send far beyond their rate limit. Each answer is classified for the
-verdict (`loadtests.slo`) into a `Tally` that workers ship to the master.
+arrives. Abusers send far beyond their rate limit; the spike's surge users ask without
+pause, past what the stack can hold; the hostile scenario's clients (`loadtests.hostile`) run
+in the process that plays the shape. Each answer is classified for the verdict
+(`loadtests.slo`) into a `Tally` that workers ship to the master.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests import slo
 from loadtests.config import LoadConfig, load_config
+from loadtests.hostile import HostileClients
 from loadtests.shapes import plan_for
 from loadtests.tally import Tally
 
@@ -44,8 +47,8 @@ _CUM_WEIGHTS = list(
 _TOPICS = ["pulsar", "quasar", "neutron star", "black hole", "comet", "nebula", "magnetar"]
 
 
-def question() -> str:
-    if random.random() < CONFIG.unique_question_share:
+def question(unique_share: float = CONFIG.unique_question_share) -> str:
+    if random.random() < unique_share:
         return f"what happened to object {uuid.uuid4().hex[:10]}?"
     k = random.choices(range(CONFIG.questions), cum_weights=_CUM_WEIGHTS)[0]
     return f"what is a {_TOPICS[k % len(_TOPICS)]} number {k}?"
@@ -78,6 +81,7 @@ class _BotUser(FastHttpUser):
 
     abstract = True
     abusive = False
+    prefix = ""  # outcome names of users judged apart (the surge): not the well-behaved ones
     network_timeout = CONFIG.timeout
     connection_timeout = min(10.0, CONFIG.timeout)
     interval = CONFIG.user_interval
@@ -91,6 +95,7 @@ class _BotUser(FastHttpUser):
         self.rotate_every = (
             max(1, CONFIG.stack.rate_burst) if not self.abusive and 1 / self.interval > rate else 0
         )
+        self.backoff = 0.0  # seconds a refused request asked us to wait (Retry-After)
         self.pending: dict[str, tuple[str, float]] = {}  # message_id -> (user_id, since)
         self.cursor: dict[str, str] = {}
         self.seen: set[str] = set()
@@ -124,55 +129,64 @@ class _BotUser(FastHttpUser):
             if data is None:
                 return
             if resp.status_code == 202:
-                TALLY.count(_STATE["phase"], slo.QUEUED)
-                TALLY.queue(uid, mid)
-                self.pending[mid] = (uid, time.monotonic())
+                self.count(slo.QUEUED)
+                if not self.prefix:
+                    TALLY.queue(uid, mid)
+                    self.pending[mid] = (uid, time.monotonic())
             elif resp.status_code == 200 and kind == "question":
-                TALLY.count(_STATE["phase"], slo.QUESTIONS)
+                self.count(slo.QUESTIONS)
                 if data.get("cached") or _header(resp, "X-Cache") in ("HIT", "STALE"):
-                    TALLY.count(_STATE["phase"], slo.CACHED)
+                    self.count(slo.CACHED)
+
+    def count(self, outcome: str) -> None:
+        TALLY.count(_STATE["phase"], self.prefix + outcome)
 
     def classify(self, resp: ResponseContextManager, poll: bool = False) -> Any:
         """Count the answer for the verdict and tell locust whether it failed."""
         phase = _STATE["phase"]
-        TALLY.count(phase, slo.REQUESTS)
-        if self.abusive:
-            TALLY.count(phase, slo.ABUSE_REQUESTS)
         status = resp.status_code
+        ms = resp.request_meta["response_time"]
+        well_behaved = not self.abusive and not self.prefix
+        if well_behaved and not poll:
+            TALLY.second(time.time(), status in slo.SUCCESS_STATUSES, ms)
+        self.count(slo.REQUESTS)
+        if self.abusive:
+            self.count(slo.ABUSE_REQUESTS)
         data = _json(resp)
         if not isinstance(data, dict):
-            TALLY.count(phase, slo.NO_JSON)
+            self.count(slo.NO_JSON)
             TALLY.example(
                 f"{phase}: no JSON answer: status {status} {getattr(resp, 'error', None) or ''}"
             )
             resp.failure(f"no JSON answer (status {status})")
             return None
-        TALLY.count(phase, slo.ANSWERED)
-        TALLY.count(phase, f"status:{status}")
-        if not self.abusive and not poll:
-            TALLY.observe(phase, resp.request_meta["response_time"])
+        self.count(slo.ANSWERED)
+        self.count(f"status:{status}")
+        if well_behaved and not poll:
+            TALLY.observe(phase, ms)
         code = (data.get("error") or {}).get("code") if status >= 400 else None
         if status < 300:
             resp.success()
             return data
+        self.backoff = _retry_after(resp)
         if status == 429:
             if self.abusive:
-                TALLY.count(phase, slo.LIMITED_ABUSE)
+                self.count(slo.LIMITED_ABUSE)
                 resp.success()  # what an abuser deserves
             else:
-                TALLY.count(phase, slo.LIMITED_NORMAL)
+                self.count(slo.LIMITED_NORMAL)
                 resp.failure("well-behaved user rate limited")
             return None
         if status == 503 and code == "overloaded" and _header(resp, "Retry-After"):
-            TALLY.count(phase, slo.SHED)
+            self.count(slo.SHED)
             resp.failure("shed (overloaded)")
             return None
         if status >= 500:
-            TALLY.count(phase, slo.OTHER_5XX)
-            TALLY.example(f"{phase}: {status} {code}")
+            self.count(slo.OTHER_5XX)
+            TALLY.example(f"{phase}: {self.prefix}{status} {code}")
             resp.failure(f"{status} {code}")
             return None
-        TALLY.count(phase, slo.BAD_4XX)
+        self.count(slo.BAD_4XX)
         TALLY.example(f"{phase}: {status} {code}")
         resp.failure(f"{status} {code}")
         return None
@@ -253,6 +267,34 @@ class Abuser(_BotUser):
     tasks = [_task]
 
 
+class SurgeUser(ChatUser):
+    """One of a crowd arriving at once: asks without pause (only a refusal's Retry-After),
+    things nobody asked before, so every question holds a slot of the stack for the
+    upstream's latency. Judged apart from the well-behaved users (`surge:` outcomes)."""
+
+    prefix = slo.SURGE
+    fixed_count = CONFIG.spike_overload_users
+
+    def wait_time(self) -> float:
+        backoff, self.backoff = self.backoff, 0.0
+        return backoff
+
+    def _task(self) -> None:
+        if random.random() < 0.6:
+            self.send(question(unique_share=1.0), "surge")
+        else:
+            self.send(f"/echo surge {self.sent}", "surge")
+
+    tasks = [_task]
+
+
+def _retry_after(resp: ResponseContextManager) -> float:
+    try:
+        return max(1.0, float(_header(resp, "Retry-After") or 0))
+    except ValueError:
+        return 1.0
+
+
 def _stub_outage(on: bool) -> None:
     req = urllib.request.Request(
         f"{CONFIG.stub}/admin/faults",
@@ -275,11 +317,13 @@ class ScenarioShape(LoadTestShape):
         super().__init__()
         self.plan = plan_for(CONFIG)
         self.user_class: type[_BotUser] = RampUser if CONFIG.scenario == "ramp" else ChatUser
+        self.hostile: HostileClients | None = None
 
     def tick(self) -> tuple[int, float, list[type[User]] | None] | None:
         t = self.get_run_time()
         step = self.plan.at(t)
         if step is None:
+            self._hostile(False)
             _end_phase()
             return None
         if step.phase != _STATE["phase"]:
@@ -288,16 +332,35 @@ class ScenarioShape(LoadTestShape):
                 if not slo.phase_ok(TALLY, _STATE["phase"], CONFIG.objectives):
                     TALLY.notes["ramp_stopped_after"] = _STATE["phase"]
                     return None
+            if not step.hostile:
+                self._hostile(False)  # every hostile connection gone before the next phase
             _start_phase(step.phase, self.runner)
             TALLY.notes.setdefault("phase_users", {})[step.phase] = step.users
+            if step.surge:
+                TALLY.notes["surge_users"] = step.surge
             if step.outage is not None and (step.outage or "outage_events" in TALLY.notes):
                 _stub_outage(step.outage)
+            self._hostile(step.hostile)
         else:
             _end_phase()
         classes: list[type[User]] = [self.user_class]
         if step.abusers:
             classes.append(Abuser)
-        return step.users + step.abusers, step.spawn_rate, classes
+        if step.surge:
+            classes.append(SurgeUser)
+        return step.users + step.abusers + step.surge, step.spawn_rate, classes
+
+    def _hostile(self, on: bool) -> None:
+        """Start the hostile clients on entering the attack, stop them on leaving it."""
+        if on and self.hostile is None:
+            self.hostile = HostileClients(CONFIG, TALLY, lambda: str(_STATE["phase"]))
+            self.hostile.start()
+            TALLY.notes["hostile_addresses"] = self.hostile.addresses
+        elif not on and self.hostile is not None:
+            started = time.monotonic()
+            self.hostile.stop()
+            TALLY.notes["hostile_stop_seconds"] = round(time.monotonic() - started, 2)
+            self.hostile = None
 
 
 def _start_phase(name: str, runner: Any) -> None:

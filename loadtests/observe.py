@@ -1,17 +1,21 @@
-"""What the load run learns from the stack itself: process memory, inboxes, Prometheus."""
+"""What the load run learns from the stack itself: process memory, inboxes, Prometheus, and
+whether it still serves everyone after a hostile run."""
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
+import orjson
 import psutil
 import requests
 
 from bot.settings import Settings
+from loadtests import hostile
 from loadtests.config import LoadConfig
 
 
@@ -175,3 +179,30 @@ def prometheus_view(cfg: LoadConfig, start: float, end: float) -> dict[str, Any]
     except (requests.RequestException, ValueError, KeyError, IndexError):
         return None
     return out
+
+
+def probe(cfg: LoadConfig, addresses: list[str]) -> dict[str, Any]:
+    """After a run: health, readiness, a message and an inbox, from each client address.
+
+    The hostile clients' own addresses included: once they behave, the stack (NGINX's
+    per-address guard above all) serves them like anyone else.
+    """
+    url = urlparse(cfg.target)
+    target = (url.hostname or "127.0.0.1", url.port or 80)
+    auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    ok, failures = 0, []
+    for addr in ["127.0.0.1", *addresses]:
+        user = f"probe-{uuid.uuid4().hex[:12]}"
+        body = orjson.dumps({"user_id": user, "text": "/help", "message_id": f"m-{user}"})
+        for method, path, headers, payload in (
+            ("GET", "/healthz", {}, b""),
+            ("GET", "/readyz", {}, b""),
+            ("POST", "/v1/messages", {"Content-Type": "application/json", **auth}, body),
+            ("GET", f"/v1/users/{user}/replies", auth, b""),
+        ):
+            answer = hostile.exchange(target, addr, hostile.request(method, path, headers, payload))
+            if answer.status == 200:
+                ok += 1
+            else:
+                failures.append(f"{addr} {method} {path}: {answer.status or answer.error}")
+    return {"ok": ok, "failures": failures}

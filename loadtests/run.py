@@ -68,7 +68,9 @@ def run_locust(cfg: LoadConfig, run_dir: Path) -> int:
         "--run-time",
         f"{int(length) + 30}s",
     ]
-    if cfg.processes > 1:
+    if cfg.processes > 1 or cfg.scenario == "hostile":
+        # Master and workers. The hostile clients run in the master, which plays the shape
+        # but runs no user: what they cost the load generator never shows as user latency.
         cmd += ["--processes", str(cfg.processes)]
     env = {
         **os.environ,
@@ -100,6 +102,7 @@ def report(cfg: LoadConfig, run_dir: Path, raw: dict[str, Any]) -> int:
         "figures": verdict.figures,
         "prometheus": raw.get("findings", {}).get("prometheus"),
         "inbox": raw.get("findings", {}).get("inbox"),
+        "probe": raw.get("findings", {}).get("probe"),
         "examples": raw["tally"].get("examples", []),
         "config": cfg.public(),
         "report_dir": str(run_dir),
@@ -135,6 +138,35 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(
             f"  knee: {r['knee_rps']} answers/s at {r['knee_users']} users "
             f"({'not reached' if r['reached_end'] else 'broke at ' + str(r['broke_at'])})"
+        )
+    if "hostile" in f:
+        h = f["hostile"]
+        for name, w in h["well_behaved"].items():
+            lines.append(
+                f"  well-behaved {name:<7} {w['requests']:>6} requests  "
+                f"{w['success_share']:.3%} 200/202  p50 {w['p50_ms']:.0f} ms  "
+                f"p99 {w['p99_ms']:.0f} ms"
+            )
+        lines.append(
+            f"  hostile: {h['requests']} requests, {h['long_polls_open_peak']} long polls open "
+            f"at the peak, {h['long_polls_held']} held >= 5 s, "
+            f"{h['closed_without_answer']} closed without an answer, all stopped in "
+            f"{h['stop_seconds']} s"
+        )
+        for kind, by_status in sorted(h["by_kind"].items()):
+            statuses = ", ".join(f"{s}: {n}" for s, n in sorted(by_status.items()))
+            lines.append(f"    {kind:<13} {statuses}")
+    if "overload" in f:
+        o = f["overload"]
+        d, a = o["well_behaved_during"], o["well_behaved_after"]
+        lines.append(
+            f"  overload: {o['surge_users']} surge users, offered {o['offered_rps']} req/s, "
+            f"answered 200/202 {o['answered_2xx_rps']}/s, surge shed {o['surge_shed_share']:.1%}, "
+            f"recovered in {o['recovery_s']} s"
+        )
+        lines.append(
+            f"  well-behaved during {d['success_share']:.2%} 200/202, p99 {d['p99_ms']:.0f} ms; "
+            f"after {a['success_share']:.2%}, p99 {a['p99_ms']:.0f} ms"
         )
     for name, m in (f.get("memory") or {}).items() if summary["scenario"] == "soak" else ():
         lines.append(
@@ -172,6 +204,8 @@ def run(cfg: LoadConfig) -> int:
         f"report in {run_dir}/",
         flush=True,
     )
+    if cfg.scenario == "spike" and cfg.spike_overload:
+        _warn_edge_guard(cfg)
     sampler = observe.MemorySampler(cfg)
     sampler.start()
     started = time.time()
@@ -189,6 +223,9 @@ def run(cfg: LoadConfig) -> int:
     findings: dict[str, Any] = {}
     if cfg.objectives.exactly_once:
         findings["inbox"] = observe.check_inboxes(cfg, Tally.from_json(tally_json).queued)
+    if cfg.scenario == "hostile":
+        addresses = Tally.from_json(tally_json).notes.get("hostile_addresses") or []
+        findings["probe"] = observe.probe(cfg, addresses)
     findings["memory"] = sampler.stop()
     ended = time.time()
     findings["prometheus"] = observe.prometheus_view(cfg, started, ended)
@@ -201,6 +238,19 @@ def run(cfg: LoadConfig) -> int:
     }
     (run_dir / "raw.json").write_bytes(orjson.dumps(raw))
     return report(cfg, run_dir, raw)
+
+
+def _warn_edge_guard(cfg: LoadConfig) -> None:
+    """The surge comes from 127.0.0.1 like the users: NGINX's per-address guard may cap it."""
+    conns = cfg.users + cfg.spike_overload_users
+    if conns > cfg.stack.edge_conn:
+        print(
+            f"loadtest: the overload holds {conns} connections from one address, over NGINX's "
+            f"BOT_EDGE_CONN={cfg.stack.edge_conn}: its 429s will reach the users too. Run it "
+            f"against a smaller stack (BOT_REPLICAS=2 BOT_MAX_INFLIGHT=16) or set "
+            f"LOAD_SPIKE_OVERLOAD_USERS",
+            file=sys.stderr,
+        )
 
 
 def _recover_stub(cfg: LoadConfig) -> None:

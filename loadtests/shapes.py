@@ -10,6 +10,12 @@ from dataclasses import dataclass
 
 from loadtests.config import LoadConfig
 
+# Phases the verdict looks for by name.
+OVERLOAD = "overload"
+RECOVERY = "recovery"
+ATTACK = "attack"
+AFTER = "after"
+
 
 @dataclass(frozen=True)
 class Step:
@@ -18,6 +24,8 @@ class Step:
     phase: str
     abusers: int = 0
     outage: bool | None = None  # set the stub's outage fault to this on entering the phase
+    surge: int = 0  # closed-loop users past the stack's capacity (spike's overload phase)
+    hostile: bool = False  # hostile clients run beside the users (hostile's attack phase)
 
 
 class Plan:
@@ -45,31 +53,47 @@ class Steady(Plan):
 
 
 class Spike(Plan):
-    """Baseline, then `spike_factor` times the users within `spike_rise`, held, then back."""
+    """Baseline, then `spike_factor` times the users within `spike_rise`, held, and back
+    (`between`); then an `overload` of closed-loop users past the stack's capacity; then
+    the baseline again (`recovery`).
+
+    The hold is a spike the stack absorbs; the overload is one it cannot, so that the run
+    shows how it sheds and how fast it recovers once the surge ends. (The baseline between
+    them is also what lets locust add the surge: it adds `fixed_count` users only after it
+    removed some.)
+    """
 
     def at(self, t: float) -> Step | None:
         c = self.cfg
         base = c.users
         peak = max(base + 1, round(base * c.spike_factor))
         rise_rate = (peak - base) / max(1.0, c.spike_rise)
-        t1 = c.spike_baseline
-        t2 = t1 + c.spike_rise
-        t3 = t2 + c.spike_hold
-        t4 = t3 + c.spike_recovery
-        if t < t1:
-            return Step(base, c.spawn_rate, "baseline")
-        if t < t2:
-            return Step(peak, rise_rate, "rise")
-        if t < t3:
-            return Step(peak, rise_rate, "hold")
-        if t < t4:
-            return Step(base, max(rise_rate, 100.0), "recovery")
+        down_rate = max(rise_rate, 100.0)
+        plan = [
+            (c.spike_baseline, Step(base, c.spawn_rate, "baseline")),
+            (c.spike_rise, Step(peak, rise_rate, "rise")),
+            (c.spike_hold, Step(peak, rise_rate, "hold")),
+        ]
+        if c.spike_overload:
+            surge = c.spike_overload_users
+            plan += [
+                (c.spike_between, Step(base, down_rate, "between")),
+                # The surge arrives within two seconds: a spike, not a ramp.
+                (c.spike_overload, Step(base, max(down_rate, surge / 2), OVERLOAD, surge=surge)),
+            ]
+        plan.append((c.spike_recovery, Step(base, down_rate, RECOVERY)))
+        end = 0.0
+        for seconds, step in plan:
+            end += seconds
+            if t < end:
+                return step
         return None
 
     @property
     def length(self) -> float:
         c = self.cfg
-        return c.spike_baseline + c.spike_rise + c.spike_hold + c.spike_recovery
+        total = c.spike_baseline + c.spike_rise + c.spike_hold + c.spike_recovery
+        return total + (c.spike_between + c.spike_overload if c.spike_overload else 0.0)
 
 
 class Ramp(Plan):
@@ -114,6 +138,25 @@ class Outage(Plan):
         return Step(c.users, c.spawn_rate, "after", outage=False)
 
 
+class Hostile(Plan):
+    """Well-behaved users alone (`calm`), beside hostile clients for `duration` seconds
+    (`attack`), then alone again (`after`: the stack must serve normally once they stop)."""
+
+    def at(self, t: float) -> Step | None:
+        c = self.cfg
+        if t < c.hostile_calm:
+            return Step(c.users, c.spawn_rate, "calm")
+        if t < c.hostile_calm + c.duration:
+            return Step(c.users, c.spawn_rate, ATTACK, hostile=True)
+        if t < self.length:
+            return Step(c.users, c.spawn_rate, AFTER)
+        return None
+
+    @property
+    def length(self) -> float:
+        return 2 * self.cfg.hostile_calm + self.cfg.duration
+
+
 PLANS: dict[str, type[Plan]] = {
     "steady": Steady,
     "soak": Steady,
@@ -121,6 +164,7 @@ PLANS: dict[str, type[Plan]] = {
     "ramp": Ramp,
     "abuse": Abuse,
     "outage": Outage,
+    "hostile": Hostile,
 }
 
 

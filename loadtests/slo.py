@@ -6,10 +6,13 @@ can be judged again with other objectives (`python -m loadtests.run --judge DIR`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loadtests import hostile
 from loadtests.config import Objectives
+from loadtests.shapes import AFTER, ATTACK, OVERLOAD, RECOVERY
 from loadtests.tally import Tally, percentile
 
 # Outcome names the users record (see loadtests/locustfile.py).
@@ -29,6 +32,9 @@ CACHED = "cached"  # ... of which from the cache
 POLLS = "polls"
 DELIVERED_SEEN = "delivered_seen"
 DELIVERED_DUP = "delivered_dup"
+SURGE = "surge:"  # prefix of the spike's surge users' outcomes (judged apart)
+SUCCESS_STATUSES = (200, 202)
+GATEWAY_STATUSES = (502, 504)
 
 
 @dataclass
@@ -67,8 +73,43 @@ def phase_figures(tally: Tally, phase: str) -> dict[str, Any]:
         "other_5xx": tally.total(OTHER_5XX, [phase]),
         "no_json": tally.total(NO_JSON, [phase]),
         "limited_normal": tally.total(LIMITED_NORMAL, [phase]),
+        "success_share": round(success_share(tally, [phase]), 5),
         "users": tally.notes.get("phase_users", {}).get(phase),
     }
+
+
+def success_share(tally: Tally, phases: list[str] | None = None, prefix: str = "") -> float:
+    """Share of requests answered 200/202 (1.0 when there were none)."""
+    n = tally.total(prefix + REQUESTS, phases)
+    ok = sum(tally.total(f"{prefix}status:{s}", phases) for s in SUCCESS_STATUSES)
+    return ok / n if n else 1.0
+
+
+def gateway_errors(tally: Tally) -> int:
+    """502/504 answers to anyone: well-behaved, surge and hostile clients alike."""
+    return sum(
+        tally.total(f"{prefix}status:{s}") for prefix in ("", SURGE) for s in GATEWAY_STATUSES
+    ) + tally.total(hostile.GATEWAY)
+
+
+def recovery_seconds(tally: Tally, obj: Objectives) -> float | None:
+    """Seconds from the overload's end until every later second of the run was back within
+    the steady objective (no failed answer, p99 <= `recovery_p99_ms`); None if never."""
+    overload = tally.phases.get(OVERLOAD)
+    recovery = tally.phases.get(RECOVERY)
+    if not overload or not recovery:
+        return None
+    end = overload[1]
+    good_from: int | None = None
+    for sec in range(int(end), int(recovery[1]) + 1):
+        good, bad, p99 = tally.second_figures(sec)
+        if not good + bad:
+            continue  # a second without answers tells nothing
+        if bad or p99 > obj.recovery_p99_ms:
+            good_from = None
+        elif good_from is None:
+            good_from = sec
+    return None if good_from is None else round(max(0.0, good_from - end), 1)
 
 
 def phase_ok(tally: Tally, phase: str, obj: Objectives) -> bool:
@@ -154,6 +195,12 @@ def evaluate(
         last = ramp["knee_phase"]
         # Latency and sheds are judged up to the knee: past it they break by design.
         phases = steps[: steps.index(last) + 1] if last else []
+    if OVERLOAD in tally.phases:
+        # Past capacity, sheds and slow answers are by design: that phase has checks of its own.
+        phases = [p for p in tally.phases if p != OVERLOAD]
+    if scenario == "hostile":
+        # The calm phase is the baseline shown beside; the objectives hold while under attack.
+        phases = [ATTACK, AFTER]
     requests = tally.total(REQUESTS)
     scoped = max(1, tally.total(REQUESTS, phases))
     hist = tally.hist(phases)
@@ -196,6 +243,25 @@ def evaluate(
         tally.total(LIMITED_NORMAL),
         tally.total(LIMITED_NORMAL) <= obj.max_normal_limited,
     )
+    gateway = gateway_errors(tally)
+    check(
+        "no_gateway_errors",
+        f"<= {obj.max_gateway_errors} 502/504 to anyone (hostile and surge clients included)",
+        gateway,
+        gateway <= obj.max_gateway_errors,
+    )
+    if obj.min_success_share:
+        share = success_share(tally)
+        check(
+            "well_behaved_success",
+            f"well-behaved requests answered 200/202 >= {obj.min_success_share:.1%}",
+            f"{share:.3%} of {tally.total(REQUESTS)}",
+            share >= obj.min_success_share,
+        )
+    if scenario == "hostile":
+        _hostile_checks(tally, obj, findings, check)
+    if OVERLOAD in tally.phases:
+        _overload_checks(tally, obj, check)
     if scenario == "abuse":
         n = tally.total(LIMITED_ABUSE)
         check("abusers_limited", "the spammers are rate limited", n, n >= obj.min_abuse_limited)
@@ -256,6 +322,126 @@ def evaluate(
     }
     if ramp:
         figures["ramp"] = ramp
+    if scenario == "hostile":
+        figures["hostile"] = hostile_figures(tally)
+    if OVERLOAD in tally.phases:
+        figures["overload"] = overload_figures(tally, obj)
     if scenario == "soak" or findings.get("memory"):
         figures["memory"] = memory_growth(findings.get("memory", {}))
     return Verdict(scenario, all(c.passed for c in checks), checks, figures)
+
+
+Checker = Callable[[str, str, Any, bool], None]
+
+
+def _hostile_checks(
+    tally: Tally, obj: Objectives, findings: dict[str, Any], check: Checker
+) -> None:
+    """The hostile clients ran, got answers per the contract, and left the stack serving."""
+    sent = tally.total(hostile.REQUESTS)
+    broken = tally.notes.get("hostile_broken") or []
+    check(
+        "hostile_clients_ran",
+        "every hostile client ran through the attack",
+        f"{sent} hostile requests" + (f"; broken: {', '.join(broken)}" if broken else ""),
+        sent > 0 and not broken,
+    )
+    bad = tally.total(hostile.SERVER_ERROR) + tally.total(hostile.BAD_ERROR)
+    check(
+        "hostile_answers_per_contract",
+        "hostile requests get 4xx or a 503 with Retry-After, errors JSON, a 405 with Allow",
+        f"{tally.total(hostile.SERVER_ERROR)} server errors, "
+        f"{tally.total(hostile.BAD_ERROR)} malformed errors",
+        bad == 0,
+    )
+    after = phase_figures(tally, AFTER)
+    check(
+        "serves_normally_after",
+        f"after the attack: well-behaved >= {obj.min_success_share:.1%} 200/202 and "
+        f"p99 <= {obj.p99_ms:.0f} ms",
+        f"{after['success_share']:.2%} of {after['requests']}, p99 {after['p99_ms']:.0f} ms",
+        after["requests"] > 0
+        and after["success_share"] >= obj.min_success_share
+        and after["p99_ms"] <= obj.p99_ms,
+    )
+    probe = findings.get("probe") or {}
+    check(
+        "probe_after",
+        "health, readiness, a message and an inbox answer 200 from every client address",
+        probe.get("failures") or f"{probe.get('ok', 0)} probes answered",
+        bool(probe) and not probe.get("failures"),
+    )
+
+
+def hostile_figures(tally: Tally) -> dict[str, Any]:
+    """Per hostile kind, how many answers of each status; well-behaved calm vs attack."""
+    kinds: dict[str, dict[str, int]] = {}
+    for counts in tally.counts.values():
+        for outcome, n in counts.items():
+            if outcome.startswith("hostile:"):
+                _, kind, status = outcome.split(":", 2)
+                by_status = kinds.setdefault(kind, {})
+                by_status[status] = by_status.get(status, 0) + n
+    calm, attack = phase_figures(tally, "calm"), phase_figures(tally, ATTACK)
+    return {
+        "requests": tally.total(hostile.REQUESTS),
+        "closed_without_answer": tally.total(hostile.CLOSED),
+        "long_polls_held": tally.total(hostile.LONG_POLLS_HELD),
+        "long_polls_open_peak": tally.notes.get(hostile.POLLS_OPEN_PEAK, 0),
+        "stop_seconds": tally.notes.get("hostile_stop_seconds"),
+        "by_kind": kinds,
+        "well_behaved": {
+            name: {k: f[k] for k in ("requests", "success_share", "p50_ms", "p99_ms")}
+            for name, f in (
+                ("calm", calm),
+                ("attack", attack),
+                ("after", phase_figures(tally, AFTER)),
+            )
+        },
+    }
+
+
+def _overload_checks(tally: Tally, obj: Objectives, check: Checker) -> None:
+    """The surge went past capacity, was shed explicitly, and the stack came back in time."""
+    shed = tally.total(SURGE + SHED)
+    check(
+        "overload_reached",
+        "the surge went past capacity (the stack shed some of it)",
+        f"{shed} surge requests shed of {tally.total(SURGE + REQUESTS)}",
+        shed > 0,
+    )
+    unexplained = tally.total(SURGE + OTHER_5XX) + tally.total(SURGE + NO_JSON)
+    check(
+        "sheds_explicit",
+        "every refusal is a 503 `overloaded` JSON with Retry-After (or a 429), never 502/504",
+        f"{unexplained} other 5xx or answers without JSON",
+        unexplained == 0,
+    )
+    rec = recovery_seconds(tally, obj)
+    check(
+        "recovery",
+        f"back within the steady objective (p99 <= {obj.recovery_p99_ms:.0f} ms, no failure) "
+        f"<= {obj.max_recovery_s:.0f} s after the overload",
+        "never" if rec is None else f"{rec} s",
+        rec is not None and rec <= obj.max_recovery_s,
+    )
+
+
+def overload_figures(tally: Tally, obj: Objectives) -> dict[str, Any]:
+    """The surge's peak, what the stack answered and shed, and the users beside it."""
+    secs = max(0.001, tally.phase_seconds(OVERLOAD))
+    surge_n = tally.total(SURGE + REQUESTS, [OVERLOAD])
+    surge_ok = sum(tally.total(f"{SURGE}status:{s}", [OVERLOAD]) for s in SUCCESS_STATUSES)
+    users_ok = sum(tally.total(f"status:{s}", [OVERLOAD]) for s in SUCCESS_STATUSES)
+    offered = surge_n + tally.total(REQUESTS, [OVERLOAD])
+    during, after = phase_figures(tally, OVERLOAD), phase_figures(tally, RECOVERY)
+    return {
+        "surge_users": tally.notes.get("surge_users"),
+        "offered_rps": round(offered / secs, 1),
+        "answered_2xx_rps": round((surge_ok + users_ok) / secs, 1),
+        "surge_shed_share": round(tally.total(SURGE + SHED, [OVERLOAD]) / max(1, surge_n), 4),
+        "surge_limited": tally.total(SURGE + LIMITED_NORMAL, [OVERLOAD]),
+        "recovery_s": recovery_seconds(tally, obj),
+        "well_behaved_during": {k: during[k] for k in ("requests", "success_share", "p99_ms")},
+        "well_behaved_after": {k: after[k] for k in ("requests", "success_share", "p99_ms")},
+    }

@@ -3,7 +3,8 @@
 Each locust process records into its own `Tally`; workers ship what they gathered since
 their last report to the master (`drain`), which `merge`s it. Latencies are kept as a
 histogram of rounded milliseconds per phase, so percentiles of any set of phases can be
-computed after the run without keeping every sample.
+computed after the run without keeping every sample. Well-behaved answers are also kept
+per second of the wall clock (`timeline`), so the spike can tell when the stack was back.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Tally:
     examples: list[str] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=dict)  # name -> [start, end] epoch
     notes: dict[str, Any] = field(default_factory=dict)
+    # epoch second -> {"ok"/"bad": count, "ms:<bucket>": count} of well-behaved answers
+    timeline: dict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, phase: str, outcome: str, n: int = 1) -> None:
@@ -61,6 +64,13 @@ class Tally:
     def observe(self, phase: str, ms: float) -> None:
         with self._lock:
             self.latency[phase][bucket_ms(ms)] += 1
+
+    def second(self, at: float, ok: bool, ms: float) -> None:
+        """One well-behaved answer that completed at epoch `at`: good or not, and how slow."""
+        with self._lock:
+            sec = self.timeline[int(at)]
+            sec["ok" if ok else "bad"] += 1
+            sec[f"ms:{bucket_ms(ms)}"] += 1
 
     def example(self, text: str) -> None:
         with self._lock:
@@ -88,6 +98,7 @@ class Tally:
                 "examples": list(self.examples),
                 "phases": dict(self.phases),
                 "notes": dict(self.notes),
+                "timeline": {str(k): dict(v) for k, v in self.timeline.items()},
             }
 
     def drain(self) -> dict[str, Any]:
@@ -99,6 +110,7 @@ class Tally:
             self.queued.clear()
             self.delivered.clear()
             self.examples.clear()
+            self.timeline.clear()
         return data
 
     def merge(self, data: dict[str, Any] | None) -> None:
@@ -116,6 +128,8 @@ class Tally:
             self.examples.extend(data.get("examples", [])[: max(0, room)])
             self.phases.update(data.get("phases", {}))
             self.notes.update(data.get("notes", {}))
+            for sec, c in data.get("timeline", {}).items():
+                self.timeline[int(sec)].update(c)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Tally:
@@ -138,6 +152,13 @@ class Tally:
                 if phases is None or p in phases:
                     out.update(h)
         return dict(out)
+
+    def second_figures(self, sec: int) -> tuple[int, int, float]:
+        """(good, bad, p99 ms) of the well-behaved answers completed in one second."""
+        with self._lock:
+            c = dict(self.timeline.get(sec, {}))
+        hist = {int(k[3:]): n for k, n in c.items() if k.startswith("ms:")}
+        return c.get("ok", 0), c.get("bad", 0), percentile(hist, 0.99)
 
     def phase_seconds(self, phase: str) -> float:
         start, end = self.phases.get(phase, [0.0, 0.0])

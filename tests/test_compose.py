@@ -343,7 +343,7 @@ def test_every_setting_reaches_the_containers_or_is_declared_native_only() -> No
     assert not (set(bot_env) | set(render_env) | native_only) - set(ENV_VARS), "unknown names"
     # Passed through only when set (empty would be a bad value), except the containers' own.
     fixed = {k for k, v in {**bot_env, **render_env}.items() if v is not None}
-    assert fixed == {"REDIS_URL", "AMQP_URL", "UPSTREAM_URL", "BOT_REPLICAS"}
+    assert fixed == {"REDIS_URL", "AMQP_URL", "UPSTREAM_URL", "BOT_REPLICAS", "BOT_TRUSTED_PROXIES"}
     assert load_settings({k: v for k, v in bot_env.items() if v}, dotenv=Path("/dev/null"))
 
 

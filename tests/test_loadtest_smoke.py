@@ -1,18 +1,20 @@
-"""The load tests' verdict logic, and a 20-second `steady` run against a real stack."""
+"""The load tests' verdict logic, a 20-second `steady` run against a real stack, and a short
+`hostile` run against a private one."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
-from loadtests import slo
-from loadtests.config import Objectives, load_config
-from loadtests.shapes import plan_for
+from loadtests import hostile, slo
+from loadtests.config import HOSTILE_KINDS, ConfigError, Objectives, load_config
+from loadtests.shapes import AFTER, ATTACK, OVERLOAD, RECOVERY, Plan, Step, plan_for
 from loadtests.tally import Tally, percentile
 from tests.support import Stack, run
 
@@ -94,6 +96,132 @@ def test_spike_plan_goes_ten_times_up_within_ten_seconds_and_back() -> None:
     assert end and end.users == base.users and plan.at(plan.length) is None
 
 
+def _steps(plan: Plan) -> list[Step]:
+    """The plan's step at every second."""
+    return [s for t in range(int(plan.length)) if (s := plan.at(t)) is not None]
+
+
+def test_spike_overload_goes_past_what_the_stack_holds_in_flight_and_comes_back() -> None:
+    env = {"BOT_DOTENV": "/dev/null", "BOT_REPLICAS": "2", "BOT_MAX_INFLIGHT": "16"}
+    cfg = load_config("spike", env)
+    plan = plan_for(cfg)
+    phases = [s.phase for s in _steps(plan)]
+    assert list(dict.fromkeys(phases)) == [
+        "baseline",
+        "rise",
+        "hold",
+        "between",
+        OVERLOAD,
+        RECOVERY,
+    ]
+    surge = next(s for s in _steps(plan) if s.surge)
+    assert surge.surge == 3 * 2 * 16 and surge.users == cfg.users
+    assert surge.surge / surge.spawn_rate <= 2  # a spike, not a ramp
+    # Without the overload, the spike is the absorbable one alone.
+    short = plan_for(load_config("spike", {**env, "LOAD_SPIKE_OVERLOAD": "0"}))
+    assert not any(s.surge for s in _steps(short))
+    assert short.length == plan.length - cfg.spike_between - cfg.spike_overload
+
+
+def test_hostile_plan_runs_hostile_clients_only_between_calm_phases() -> None:
+    cfg = load_config("hostile", {"BOT_DOTENV": "/dev/null", "LOAD_HOSTILE_CALM": "5"})
+    plan = plan_for(cfg)
+    steps = [(s.phase, s.hostile) for s in _steps(plan)]
+    assert list(dict.fromkeys(steps)) == [("calm", False), (ATTACK, True), (AFTER, False)]
+    assert plan.length == 10 + cfg.duration and plan.at(plan.length) is None
+    with pytest.raises(ConfigError, match="LOAD_HOSTILE_KINDS"):
+        load_config("hostile", {"BOT_DOTENV": "/dev/null", "LOAD_HOSTILE_KINDS": "nope"})
+
+
+def _timeline(t: Tally, start: int, seconds: list[tuple[int, int, int]]) -> None:
+    """Per second from `start`: (good answers, bad answers, latency ms of each)."""
+    for i, (good, bad, ms) in enumerate(seconds):
+        for n, ok in ((good, True), (bad, False)):
+            for _ in range(n):
+                t.second(start + i + 0.5, ok, ms)
+
+
+def test_recovery_counts_until_every_later_second_is_back_in_objective() -> None:
+    t = _tally({OVERLOAD: (100, 50, 10), RECOVERY: (100, 50, 0)})
+    t.phases[OVERLOAD] = [100.0, 110.0]
+    t.phases[RECOVERY] = [110.0, 130.0]
+    # Slow at 110-111, a failure at 113, good from 114 on: back 4 s after the overload.
+    _timeline(t, 110, [(5, 0, 3000), (5, 0, 2000), (5, 0, 50), (4, 1, 50)] + [(5, 0, 50)] * 16)
+    obj = Objectives(recovery_p99_ms=1500, max_recovery_s=10)
+    assert slo.recovery_seconds(t, obj) == 4.0
+    t.count(slo.SURGE + OVERLOAD, slo.REQUESTS)  # no surge outcome in the overload: not past
+    checks = {c.name: c.passed for c in slo.evaluate("spike", t, obj).checks}
+    assert checks["recovery"] and not checks["overload_reached"]
+    assert not slo.evaluate("spike", t, Objectives(max_recovery_s=3)).passed
+    _timeline(t, 129, [(0, 1, 50)])  # a failure in the last second: never back
+    assert slo.recovery_seconds(t, obj) is None
+
+
+def test_overload_sheds_must_be_explicit_and_never_gateway_errors() -> None:
+    t = _tally({OVERLOAD: (100, 50, 10), RECOVERY: (100, 50, 0)})
+    t.count(OVERLOAD, slo.SURGE + slo.REQUESTS, 50)
+    t.count(OVERLOAD, slo.SURGE + slo.SHED, 20)
+    _timeline(t, int(t.phases[RECOVERY][0]), [(5, 0, 50)] * 10)
+    verdict = slo.evaluate("spike", t, Objectives())
+    assert verdict.passed, verdict.checks
+    assert verdict.figures["overload"]["surge_shed_share"] == 0.4
+    t.count(OVERLOAD, slo.SURGE + "status:502")
+    t.count(OVERLOAD, slo.SURGE + slo.OTHER_5XX)
+    failed = {c.name for c in slo.evaluate("spike", t, Objectives()).checks if not c.passed}
+    assert failed == {"no_gateway_errors", "sheds_explicit"}
+
+
+def _hostile_run(well_behaved_ok: int, failed: int = 0) -> Tally:
+    t = _tally({"calm": (10, 20, 0), ATTACK: (10, 20, 0), AFTER: (10, 20, 0)})
+    for phase in ("calm", ATTACK, AFTER):
+        t.count(phase, "status:200", 10)
+    t.count(ATTACK, slo.REQUESTS, well_behaved_ok - 10 + failed)
+    t.count(ATTACK, "status:200", well_behaved_ok - 10)
+    t.count(ATTACK, hostile.REQUESTS, 500)
+    t.count(ATTACK, "hostile:bad_params:400", 500)
+    return t
+
+
+def test_hostile_verdict_needs_well_behaved_success_no_gateway_error_and_a_clean_after() -> None:
+    obj = Objectives(min_success_share=0.999)
+    probe = {"probe": {"ok": 8, "failures": []}}
+    assert slo.evaluate("hostile", _hostile_run(3000), obj, probe).passed
+    # One failure in 1000 well-behaved requests is too many.
+    checks = slo.evaluate("hostile", _hostile_run(997, failed=3), obj, probe).checks
+    assert [c.name for c in checks if not c.passed] == ["well_behaved_success"]
+    t = _hostile_run(3000)
+    t.count(ATTACK, hostile.GATEWAY)
+    t.count(ATTACK, hostile.SERVER_ERROR)
+    failed = {c.name for c in slo.evaluate("hostile", t, obj, probe).checks if not c.passed}
+    assert failed == {"no_gateway_errors", "hostile_answers_per_contract"}
+    stuck = {"probe": {"ok": 7, "failures": ["127.0.0.3 GET /healthz: 503"]}}
+    failed = {
+        c.name
+        for c in slo.evaluate("hostile", _hostile_run(3000), obj, stuck).checks
+        if not c.passed
+    }
+    assert failed == {"probe_after"}
+    assert not slo.evaluate("hostile", _hostile_run(3000), obj, {}).passed  # no probe: no pass
+
+
+def test_hostile_answers_are_judged_against_the_contract() -> None:
+    def answer(raw: bytes) -> str | None:
+        return hostile.contract_problem(hostile.parse(raw))
+
+    json_405 = b'HTTP/1.1 405 X\r\nAllow: GET\r\n\r\n{"error": {"code": "m", "message": "m"}}'
+    assert answer(json_405) is None
+    assert answer(json_405.replace(b"Allow: GET\r\n", b"")) == "405 without Allow"
+    assert answer(b"HTTP/1.1 405 Not Allowed\r\n\r\n<html>405</html>") == "error body is not JSON"
+    shed = b'HTTP/1.1 503 X\r\nRetry-After: 1\r\n\r\n{"error": {"code": "o", "message": "o"}}'
+    assert answer(shed) is None
+    assert answer(shed.replace(b"Retry-After: 1\r\n", b"")) == "server error"
+    assert answer(b'HTTP/1.1 502 X\r\n\r\n{"error": {"code": "b", "message": "b"}}') == (
+        "gateway error"
+    )
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    assert hostile.parse(chunked).body == b"{}" and answer(chunked) is None
+
+
 def test_load_is_only_sent_to_loopback() -> None:
     with pytest.raises(ValueError, match=r"127\.0\.0\.1"):
         load_config("steady", {"BOT_DOTENV": "/dev/null", "LOAD_TARGET_URL": "http://10.0.0.1"})
@@ -124,3 +252,33 @@ def test_steady_smoke_passes_and_an_impossible_objective_fails(
     assert "FAIL" in judged.stdout
     summary = orjson.loads((report / "summary.json").read_bytes())
     assert [c["name"] for c in summary["checks"] if not c["passed"]] == ["p99"]
+
+
+@pytest.mark.system
+def test_hostile_clients_leave_well_behaved_users_unharmed(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """The short form of `make loadtest SCENARIO=hostile`, against a private default stack.
+
+    The latency objective is generous here (this box runs the whole suite beside it); the
+    full run judges against the steady scenario's. Everything else is the full verdict.
+    """
+    stack = make_stack()
+    env = {
+        **os.environ,
+        **stack.env,
+        "BOT_DOTENV": "/dev/null",
+        "LOAD_HOSTILE_CALM": "4",
+        "LOAD_DURATION": "14",
+        "LOAD_P99_MS": "5000",
+        "LOAD_REPORT_DIR": str(tmp_path),
+    }
+    done = run([sys.executable, "-m", "loadtests.run", "hostile"], env=env, cwd=ROOT, timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (report,) = tmp_path.glob("hostile-*")
+    summary = orjson.loads((report / "summary.json").read_bytes())
+    figures = summary["figures"]["hostile"]
+    # Every kind of hostile client ran, and the long polls reached the per-address limit.
+    assert set(figures["by_kind"]) == set(HOSTILE_KINDS)
+    assert figures["long_polls_open_peak"] >= stack.settings.edge_conn // 2
+    assert figures["well_behaved"]["attack"]["requests"] > 100

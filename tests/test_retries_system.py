@@ -4,6 +4,7 @@ what was answered 202, what reached the inboxes, duplicates (0) and losses (0)."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -15,10 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
+import aio_pika
 import pytest
 import requests
 
+from bot.core.service import Job
 from bot.inbox import APOLOGY
+from bot.retries.jobs import encode
 from bot.retries.outbox import outbox_key
 from tests.rabbit import PrivateRabbit
 from tests.support import (
@@ -220,7 +224,8 @@ def test_broker_gone_outbox_answers_202_and_a_restart_loses_no_job(
     assert Counter(codes) == {202: 40}
     rabbit.stop()  # the broker is gone (and with it every connection)
     ready = requests.get(rstack.replica_url(1) + "/readyz", timeout=5)
-    assert ready.status_code == 503 and ready.json()["dependencies"]["rabbitmq"] is False
+    # still ready: the outbox takes the jobs (issue 15, item 13)
+    assert ready.status_code == 200 and ready.json()["dependencies"]["rabbitmq"] is False
     codes2 = send_all(rstack, second)
     assert Counter(codes2) == {202: 40}  # from the outbox
     outbox = rstack.redis().xlen(outbox_key(rstack.env["BOT_QUEUE_PREFIX"]))
@@ -291,3 +296,60 @@ def test_replies_route_validates_and_long_polls(rstack: Stack) -> None:
     assert time.monotonic() - started < 15
     assert requests.get(url, params={"after": page["next"]}, timeout=5).json()["replies"] == []
     assert requests.get(url, params={"limit": "1"}, timeout=5).json()["next"] == page["next"]
+
+
+def test_poison_jobs_and_outbox_entries_reach_the_dlq_once_with_their_reason(
+    rstack: Stack, rabbit: PrivateRabbit
+) -> None:
+    """Bodies that are not jobs, in the work queue and in the outbox, ahead of good jobs: the
+    good ones are answered, each bad one is parked once with its reason, the worker counts
+    them, and `bot dlq list` shows why."""
+    prefix, user = rstack.env["BOT_QUEUE_PREFIX"], unique("poison")
+    poison = {"px-1": b"not json", "px-2": b"[1, 2]", "px-3": b'{"message_id": "px-3"}'}
+    good = [Job(f"pg-{user}-{i}", user, f"good {i}?", []) for i in range(6)]
+    metrics_urls = [worker_metrics(rstack), rstack.metrics_url(1), rstack.metrics_url(2)]
+
+    def dead_count(reason: str, urls: list[str]) -> float:
+        labels = f'{{reason="{reason}"}}'
+        return sum(metric(url, "bot_retry_dead_letters_total", labels) for url in urls)
+
+    unreadable = dead_count("unreadable", metrics_urls[:1])
+    outbox_bad = dead_count("outbox_unreadable", metrics_urls)
+
+    async def publish() -> None:
+        connection = await aio_pika.connect(rabbit.url, timeout=10)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            for mid, body in [*poison.items(), *((j.message_id, encode(j, 0.0)) for j in good)]:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(body, message_id=mid), f"{prefix}.work"
+                )
+
+    r = rstack.redis()
+    r.xadd(outbox_key(prefix), {"body": "not json either", "mid": "px-outbox"})
+    extra = Job(f"pg-{user}-outbox", user, "good from the outbox?", [])
+    r.xadd(outbox_key(prefix), {"body": encode(extra, 0.0).decode(), "mid": extra.message_id})
+    asyncio.run(publish())
+    replies = wait_replies(rstack, [user], len(good) + 1, timeout=30)
+    assert sorted(x["message_id"] for x in replies) == sorted(
+        [j.message_id for j in good] + [extra.message_id]
+    )
+    deadline = time.monotonic() + 15
+    while True:  # the last bad one may still be on its way to the DLQ
+        code, out = bot_cli(rstack, "dlq", "list")
+        if "4 dead-lettered job(s)" in out or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert code == 0 and "4 dead-lettered job(s)" in out, out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:-1]}
+    assert "unreadable: body is not JSON" in lines["px-1"]
+    assert "unreadable: body is a JSON array, not an object" in lines["px-2"]
+    assert "unreadable: field user_id is missing" in lines["px-3"]
+    assert "outbox_unreadable: body is not JSON" in lines["px-outbox"]
+    assert dead_count("unreadable", metrics_urls[:1]) - unreadable == 3  # the worker's /metrics
+    assert dead_count("outbox_unreadable", metrics_urls) - outbox_bad == 1
+    assert r.xlen(outbox_key(prefix)) == 0
+    code, out = bot_cli(rstack, "dlq", "replay", "--all")  # nothing replayable in it
+    assert code == 0 and "0 job(s) re-queued" in out and out.count("not replayed") == 4, out
+    code, out = bot_cli(rstack, "dlq", "purge")
+    assert code == 0 and "purged 4 " in out, out

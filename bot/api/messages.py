@@ -6,13 +6,14 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bot import metrics
 from bot.api.keys import SERVICE
-from bot.api.middleware import REQUEST_ID, require_json
+from bot.api.middleware import REQUEST_ID, authorize_user, require_json
 from bot.api.render import json_response
 from bot.core.validation import parse_message
-from bot.errors import BadRequest, PayloadTooLarge
+from bot.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
 
 MAX_BODY = 64 * 1024
 
@@ -20,9 +21,19 @@ MAX_BODY = 64 * 1024
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, or a 413/415/400 error."""
     require_json(request)
+    # aiohttp would inflate a gzip/deflate body itself, and a corrupt one failed the read
+    # (a 500); bodies are small, so none is accepted compressed (RFC 7694: 415).
+    if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        raise UnsupportedMediaType(
+            "Content-Encoding is not supported: send the body uncompressed",
+            code="unsupported_content_encoding",
+        )
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise PayloadTooLarge("request body is larger than 64 KiB")
-    body = await request.read()
+    try:
+        body = await request.read()
+    except HttpProcessingError:  # a body the HTTP parser could not read (framing, coding)
+        raise BadRequest("request body could not be read", code="invalid_body") from None
     if not body:
         raise BadRequest("request body is empty", code="invalid_json")
     try:
@@ -35,7 +46,8 @@ async def post_message(request: web.Request) -> web.Response:
     try:
         payload = await read_json(request)
         msg = parse_message(payload, request[REQUEST_ID])
-    except BadRequest:
+        authorize_user(request, msg.user_id)
+    except (BadRequest, Forbidden):
         metrics.MESSAGES.labels(outcome="rejected").inc()
         raise
     service = request.app[SERVICE]

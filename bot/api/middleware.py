@@ -1,35 +1,48 @@
-"""Middlewares: request id and log context, metrics, load shedding, API keys, errors."""
+"""Middlewares: request id and log context, metrics, load shedding, API keys, errors.
+
+`build(settings)` configures them once; nothing is parsed per request that could be parsed
+at start.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
 import re
 import time
 import uuid
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from bot import metrics
-from bot.api.keys import SETTINGS, STATE
+from bot.api.keys import KEY_LIMITER, STATE
 from bot.api.render import error_response
+from bot.api.replies import is_long_poll
 from bot.errors import (
     BadRequest,
     BotError,
+    Forbidden,
     HttpError,
     MethodNotAllowed,
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
     Unauthorized,
     UnsupportedMediaType,
 )
 from bot.logging import get_logger
+from bot.settings import ApiKey, IpNetwork, Settings
 
 log = get_logger(__name__)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
+API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request presented (when keys are set)
+_PROBES = frozenset(("/healthz", "/readyz"))
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _route(request: web.Request) -> str:
@@ -82,39 +95,159 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return error_response(BotError("internal error"))
 
 
-@web.middleware
-async def shed(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse work beyond `BOT_MAX_INFLIGHT` requests in flight, before doing any."""
-    state = request.app[STATE]
-    if state["inflight"] >= request.app[SETTINGS].max_inflight:
-        if request.path == "/v1/messages":
-            metrics.MESSAGES.labels(outcome="shed").inc()
-        raise Overloaded("this replica is busy; try again", 1)
-    state["inflight"] += 1
-    metrics.INFLIGHT.inc()
-    try:
+def _never_shed(request: web.Request) -> bool:
+    """Probes, and long polls (bounded apart: `bot.api.longpoll`)."""
+    return request.path in _PROBES or is_long_poll(request)
+
+
+def shed(max_inflight: int) -> Middleware:
+    """Refuse work beyond `max_inflight` requests in flight, before doing any.
+
+    Liveness and readiness are never shed (a busy replica is alive, and shedding its probe
+    would get it restarted or pulled just when it is needed), nor are long polls.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if _never_shed(request):
+            return await handler(request)
+        state = request.app[STATE]
+        if state["inflight"] >= max_inflight:
+            if request.path == "/v1/messages":
+                metrics.MESSAGES.labels(outcome="shed").inc()
+            raise Overloaded("this replica is busy; try again", 1)
+        state["inflight"] += 1
+        metrics.INFLIGHT.inc()
+        try:
+            return await handler(request)
+        finally:
+            state["inflight"] -= 1
+            metrics.INFLIGHT.dec()
+
+    return middleware
+
+
+def authenticate(settings: Settings) -> Middleware:
+    """Who may use ``/v1/*``: a key of `BOT_API_KEYS` (then its rate limit), else loopback.
+
+    With keys set, every ``/v1/*`` route needs ``Authorization: Bearer <key>``, compared in
+    constant time against every key; a key limited to a user_id prefix may only name such
+    users (the path's here, the body's in `authorize_user`). Without keys, only loopback
+    clients are served unless `BOT_OPEN_API` is set (secure by default, as Redis's
+    protected mode is).
+    """
+    keys = tuple((k.digest, k) for k in settings.api_keys)
+    guard = ClientGuard(settings.trusted_proxies)
+    open_api = settings.open_api
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        if not keys:
+            if not open_api and not guard.is_loopback(request):
+                raise Forbidden(
+                    "without BOT_API_KEYS the API answers loopback clients only: set "
+                    "BOT_API_KEYS (or BOT_OPEN_API=1 to serve it unkeyed)",
+                    code="api_keys_required",
+                )
+            return await handler(request)
+        key = _match(keys, request.headers.get("Authorization", ""))
+        request[API_KEY] = key
+        user = request.match_info.get("user_id")
+        if user is not None:
+            authorize_user(request, user)
+        await _take_key_token(request, key)
         return await handler(request)
-    finally:
-        state["inflight"] -= 1
-        metrics.INFLIGHT.dec()
+
+    return middleware
 
 
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With `BOT_API_KEYS` set, every ``/v1/*`` route needs ``Authorization: Bearer <key>``."""
-    keys = request.app[SETTINGS].api_keys
-    if keys and request.path.startswith("/v1/"):
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise Unauthorized("missing bearer token", code="missing_api_key")
-        presented = given.strip().encode()
-        # Compare against every key, always, in constant time per key.
-        ok = False
-        for key in keys:
-            ok |= hmac.compare_digest(presented, key.encode())
-        if not ok:
-            raise Unauthorized("invalid API key", code="invalid_api_key")
-    return await handler(request)
+def _match(keys: tuple[tuple[bytes, ApiKey], ...], header: str) -> ApiKey:
+    """The key the header presents, or `Unauthorized`; same work whichever key (if any)."""
+    scheme, _, given = header.partition(" ")
+    given = given.strip()
+    if scheme.lower() != "bearer" or not given:
+        raise Unauthorized("missing bearer token", code="missing_api_key")
+    # Keys are ASCII (settings): a header with any other byte (aiohttp hands those over as
+    # surrogates, which would not even encode) matches none.
+    if not given.isascii():
+        raise Unauthorized("invalid API key", code="invalid_api_key")
+    presented = hashlib.sha256(given.encode()).digest()
+    found: ApiKey | None = None
+    for digest, key in keys:  # every key, always: the time does not say which matched
+        if hmac.compare_digest(presented, digest):
+            found = key
+    if found is None:
+        raise Unauthorized("invalid API key", code="invalid_api_key")
+    return found
+
+
+def authorize_user(request: web.Request, user_id: str) -> None:
+    """403 when the request's key is limited to a user_id prefix that `user_id` lacks."""
+    key = request.get(API_KEY)
+    if key is not None and not key.allows(user_id):
+        raise Forbidden(
+            f"this API key acts only for users starting {key.prefix!r}", code="user_not_allowed"
+        )
+
+
+async def _take_key_token(request: web.Request, key: ApiKey) -> None:
+    """The per-key (per-integration) limit: rotating user_ids does not get around it."""
+    limiter = request.app.get(KEY_LIMITER)
+    if limiter is None:
+        return
+    state = await limiter.check(key.ident)
+    if state.retry_after_s > 0:
+        if request.path == "/v1/messages":
+            metrics.MESSAGES.labels(outcome="rate_limited").inc()
+        raise RateLimited(
+            "this API key sends too fast; slow down",
+            state.retry_after_s,
+            extra=state.headers(limiter.policy),
+            code="key_rate_limited",
+        )
+
+
+class ClientGuard:
+    """Decides whether a request comes from a loopback client.
+
+    The TCP peer is the client unless it is a proxy we trust (the loopback, where NGINX runs
+    natively, or `BOT_TRUSTED_PROXIES`): then its ``X-Real-IP`` (NGINX sets it to
+    ``$remote_addr``) names the client. A trusted peer's missing header means the peer itself
+    is the client; an unparsable one is not loopback.
+    """
+
+    def __init__(self, trusted: tuple[IpNetwork, ...]) -> None:
+        self._trusted = trusted
+
+    def client(self, request: web.Request) -> IpAddress | None:
+        peer = _address(request.remote)
+        if peer is None or not (peer.is_loopback or any(peer in n for n in self._trusted)):
+            return peer
+        real = request.headers.get("X-Real-IP")
+        return peer if real is None else _address(real.strip())
+
+    def is_loopback(self, request: web.Request) -> bool:
+        client = self.client(request)
+        return client is not None and client.is_loopback
+
+
+def _address(text: str | None) -> IpAddress | None:
+    if not text:
+        return None
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def build(settings: Settings) -> list[Middleware]:
+    """The replica's middlewares, configured once from the settings."""
+    return [observe, shed(settings.max_inflight), authenticate(settings)]
 
 
 def require_json(request: web.Request) -> None:
@@ -123,4 +256,12 @@ def require_json(request: web.Request) -> None:
         raise UnsupportedMediaType("Content-Type must be application/json")
 
 
-__all__ = ["BadRequest", "authenticate", "observe", "require_json", "shed"]
+__all__ = [
+    "BadRequest",
+    "authenticate",
+    "authorize_user",
+    "build",
+    "observe",
+    "require_json",
+    "shed",
+]

@@ -1,24 +1,33 @@
-"""GET /v1/users/{user_id}/replies?after=<cursor>&wait=<s>&limit=<n>: deferred replies."""
+"""GET /v1/users/{user_id}/replies?after=<cursor>&wait=<s>&limit=<n>: deferred replies.
+
+A long poll (``wait`` > 0) is bounded by `bot.api.longpoll.LongPolls`, not by the load shedder.
+"""
 
 from __future__ import annotations
+
+import re
+from contextlib import nullcontext
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from bot.api.keys import SERVICE, STATE
+from bot.api.keys import LONGPOLLS, SERVICE, STATE
 from bot.api.render import json_response
 from bot.core.validation import check_id
 from bot.errors import BadRequest, Unavailable
-from bot.inbox import CURSOR_RE, MAX_WAIT, PAGE
+from bot.inbox import MAX_WAIT, PAGE, valid_cursor
+
+ROUTE = "/v1/users/{user_id}/replies"
+# ASCII only: str.isdigit() and float() accept other scripts' digits, which int() or Redis
+# then refuse (a 500 once).
+_WAIT_RE = re.compile(r"[0-9]{1,16}(\.[0-9]{0,16})?([eE][+-]?[0-9]{1,3})?")
+_LIMIT_RE = re.compile(r"[0-9]{1,3}")
 
 
 def _wait(raw: str | None) -> float:
     if raw is None or raw == "":
         return 0.0
-    try:
-        wait = float(raw)
-    except ValueError:
-        wait = -1.0
+    wait = float(raw) if _WAIT_RE.fullmatch(raw) else -1.0
     if not 0 <= wait <= MAX_WAIT:
         raise BadRequest(
             f"wait must be a number of seconds from 0 to {MAX_WAIT:g}", code="invalid_wait"
@@ -29,27 +38,45 @@ def _wait(raw: str | None) -> float:
 def _limit(raw: str | None) -> int:
     if raw is None or raw == "":
         return PAGE
-    if not raw.isdigit() or not 1 <= int(raw) <= PAGE:
+    if not _LIMIT_RE.fullmatch(raw) or not 1 <= int(raw) <= PAGE:
         raise BadRequest(f"limit must be an integer from 1 to {PAGE}", code="invalid_limit")
     return int(raw)
+
+
+def _after(raw: str | None) -> str:
+    after = raw or "0"
+    if not valid_cursor(after):
+        raise BadRequest("after must be a cursor returned as next", code="invalid_cursor")
+    return after
+
+
+def is_long_poll(request: web.Request) -> bool:
+    """A well-formed replies request with ``wait`` > 0 (the load shedder lets it by)."""
+    resource = request.match_info.route.resource
+    if resource is None or resource.canonical != ROUTE:
+        return False
+    try:
+        return _wait(request.query.get("wait")) > 0
+    except BadRequest:
+        return False
 
 
 async def get_replies(request: web.Request) -> web.Response:
     """Replies after the cursor, oldest first; `wait` long-polls until one arrives."""
     user = check_id(request.match_info["user_id"], "user_id")
-    after = request.query.get("after") or "0"
-    if not CURSOR_RE.fullmatch(after):
-        raise BadRequest("after must be a cursor returned as next", code="invalid_cursor")
+    after = _after(request.query.get("after"))
     wait = _wait(request.query.get("wait"))
     limit = _limit(request.query.get("limit"))
     inbox = request.app[SERVICE].inbox
     if inbox is None:
         raise Unavailable("deferred replies are unavailable right now", 5)
     state = request.app[STATE]
+    slot = request.app[LONGPOLLS].slot(user) if wait > 0 else nullcontext()
     try:
-        replies, cursor = await inbox.page(
-            user, after, wait=wait, limit=limit, stop=lambda: bool(state["draining"])
-        )
+        with slot:
+            replies, cursor = await inbox.page(
+                user, after, wait=wait, limit=limit, stop=lambda: bool(state["draining"])
+            )
     except RedisError:
         raise Unavailable("deferred replies are unavailable right now", 5) from None
     return json_response({"replies": [r.as_json() for r in replies], "next": cursor})

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 
 from aio_pika import DeliveryMode, Message, RobustConnection
-from aio_pika.abc import AbstractQueue, AbstractRobustChannel
+from aio_pika.abc import AbstractQueue, AbstractRobustChannel, HeadersType
 from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
@@ -27,6 +27,8 @@ log = get_logger(__name__)
 # How long a publish may wait for its confirm before the job goes to the outbox instead.
 PUBLISH_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 5.0
+# The header a dead-lettered job carries its reason in ("<code>: <detail>").
+REASON_HEADER = "reason"
 
 
 class BrokerUnavailable(Exception):
@@ -109,23 +111,48 @@ class Broker:
         return self.up
 
     async def publish(
-        self, body: bytes, routing_key: str, *, message_id: str, user_id: str = ""
+        self,
+        body: bytes,
+        routing_key: str,
+        *,
+        message_id: str,
+        user_id: str = "",
+        reason: str | None = None,
     ) -> None:
         """Publish a persistent message and wait for the broker's confirm."""
         if not self.up:
             raise BrokerUnavailable("rabbitmq is not connected")
+        headers: HeadersType = {"user_id": user_id}
+        if reason is not None:
+            headers[REASON_HEADER] = reason
         message = Message(
             body,
             delivery_mode=DeliveryMode.PERSISTENT,
             content_type="application/json",
             message_id=message_id,
-            headers={"user_id": user_id},
+            headers=headers,
         )
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 await self.channel.default_exchange.publish(message, routing_key, mandatory=True)
         except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
             raise BrokerUnavailable(f"publish not confirmed: {exc!r}") from None
+
+    async def dead_letter(
+        self, body: bytes, code: str, detail: str, *, message_id: str, user_id: str = ""
+    ) -> None:
+        """Park a job in the dead-letter queue with its reason (header `reason`, shown by
+        `bot dlq list`), once the broker confirmed it; counted by `code` (a DEAD_REASONS)."""
+        assert code in metrics.DEAD_REASONS, code
+        await self.publish(
+            body,
+            self.topology.dead,
+            message_id=message_id,
+            user_id=user_id,
+            reason=f"{code}: {detail}",
+        )
+        metrics.DEAD_LETTERS.labels(reason=code).inc()
+        log.warning("retry_job_dead_lettered", message_id=message_id, reason=code, detail=detail)
 
     async def queue_depths(self) -> dict[str, int]:
         """Messages waiting per role: work, delay (all levels), dead."""

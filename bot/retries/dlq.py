@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from bot.core.service import Job
+from bot.retries.broker import REASON_HEADER
 from bot.retries.jobs import decode, encode
 from bot.retries.topology import Topology, declare
 from bot.settings import Settings
@@ -29,21 +30,45 @@ _TIMEOUT = 10.0
 
 @dataclass(slots=True)
 class DeadJob:
-    job: Job
+    """A dead-lettered message: its job (None when the body is not one) and why it is here."""
+
+    job: Job | None
     message: AbstractIncomingMessage
 
+    @property
+    def message_id(self) -> str:
+        return self.job.message_id if self.job else self.message.message_id or "?"
+
+    @property
+    def reason(self) -> str:
+        """The worker's or relay's `reason` header; else the broker's own dead-letter reason
+        (a job the broker dropped itself, such as at the work queue's delivery limit)."""
+        headers = self.message.headers or {}
+        reason = headers.get(REASON_HEADER)
+        if isinstance(reason, (str, bytes)):
+            return reason.decode(errors="replace") if isinstance(reason, bytes) else reason
+        first = headers.get("x-first-death-reason")
+        return f"broker: {first}" if isinstance(first, str) else "-"
+
     def line(self) -> str:
-        seen = datetime.fromtimestamp(self.job.first_seen, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        question = self.job.question.replace("\n", " ")
+        if self.job is None:
+            user = (self.message.headers or {}).get("user_id") or "?"
+            attempts, seen, question = "-", "-", "(not a job)"
+        else:
+            user, attempts = self.job.user_id, str(self.job.attempt)
+            seen = datetime.fromtimestamp(self.job.first_seen, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            question = self.job.question.replace("\n", " ")
         if len(question) > 40:
             question = question[:39] + "…"
         return (
-            f"{self.job.message_id:<24} {self.job.user_id:<20} {self.job.attempt:>8} "
-            f"{seen:<20} {question}"
+            f"{self.message_id:<24} {user!s:<20} {attempts:>8} {seen:<20} {question:<40} "
+            f"{self.reason}"
         )
 
 
-HEADER = f"{'MESSAGE_ID':<24} {'USER_ID':<20} {'ATTEMPTS':>8} {'FIRST_SEEN':<20} QUESTION"
+HEADER = (
+    f"{'MESSAGE_ID':<24} {'USER_ID':<20} {'ATTEMPTS':>8} {'FIRST_SEEN':<20} {'QUESTION':<40} REASON"
+)
 
 
 async def _fetch(channel: AbstractChannel, topo: Topology) -> list[DeadJob]:
@@ -56,9 +81,9 @@ async def _fetch(channel: AbstractChannel, topo: Topology) -> list[DeadJob]:
         if msg is None:
             return out
         try:
-            job, _ = decode(msg.body)
+            job: Job | None = decode(msg.body)[0]
         except ValueError:
-            job = Job(msg.message_id or "?", "?", msg.body[:40].decode(errors="replace"), [])
+            job = None  # poison: listed and purged, never replayed
         out.append(DeadJob(job, msg))
 
 
@@ -97,9 +122,12 @@ async def _replay(channel: AbstractChannel, topo: Topology, ids: set[str] | None
     found: set[str] = set()
     replayed = 0
     for dj in jobs:
-        if ids is not None and dj.job.message_id not in ids:
+        if ids is not None and dj.message_id not in ids:
             continue
-        found.add(dj.job.message_id)
+        found.add(dj.message_id)
+        if dj.job is None:
+            print(f"not replayed {dj.message_id}: not a job ({dj.reason})")
+            continue
         dj.job.attempt = 0  # a fresh set of attempts
         await channel.default_exchange.publish(
             aio_pika.Message(

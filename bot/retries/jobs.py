@@ -13,6 +13,9 @@ from bot.core.service import Job
 
 # An upstream asking us to wait longer than this is treated as asking for this long.
 MAX_RETRY_AFTER = 3600.0
+# A job is a question (4096 chars at most) and a few context entries: far below this. A body
+# above it was not written by `encode` and is refused unread.
+MAX_JOB_BYTES = 1 << 20
 
 
 def encode(job: Job, not_before: float) -> bytes:
@@ -21,21 +24,56 @@ def encode(job: Job, not_before: float) -> bytes:
 
 
 def decode(body: bytes) -> tuple[Job, float]:
-    """Inverse of `encode`; raises ValueError on a body that is not a job."""
+    """Inverse of `encode`; raises ValueError, saying what is wrong, on a body that is not a job.
+
+    Strict about types (nothing is coerced): a body that does not look exactly like what
+    `encode` writes came from a bug or a hostile writer, and goes to the dead-letter queue
+    with this message as its reason instead of being half-understood.
+    """
+    if len(body) > MAX_JOB_BYTES:
+        raise ValueError(f"body of {len(body)} bytes is over the {MAX_JOB_BYTES} byte limit")
     try:
-        data: dict[str, Any] = orjson.loads(body)
-        not_before = float(data.pop("not_before", 0.0))
-        job = Job(
-            message_id=str(data["message_id"]),
-            user_id=str(data["user_id"]),
-            question=str(data["question"]),
-            context=list(data.get("context") or []),
-            first_seen=float(data.get("first_seen") or time.time()),
-            attempt=int(data.get("attempt") or 0),
-        )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"not a retry job: {exc}") from None
-    return job, not_before
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError("body is not JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"body is a JSON {_json_type(data)}, not an object")
+    message_id, user_id, question = (_text(data, name) for name in _TEXT_FIELDS)
+    context = data.get("context") or []
+    if not isinstance(context, list) or not all(isinstance(c, dict) for c in context):
+        raise ValueError("field context is not an array of objects")
+    first_seen = _number(data, "first_seen", time.time())
+    not_before = _number(data, "not_before", 0.0)
+    attempt = data.get("attempt") or 0
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
+        raise ValueError("field attempt is not a whole number >= 0")
+    return Job(message_id, user_id, question, context, first_seen, attempt), not_before
+
+
+_TEXT_FIELDS = ("message_id", "user_id", "question")
+
+
+def _json_type(value: object) -> str:
+    names = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+    return names.get(type(value), "null")
+
+
+def _text(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if value is None:
+        raise ValueError(f"field {name} is missing")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"field {name} is not a non-empty string")
+    return value
+
+
+def _number(data: dict[str, Any], name: str, default: float) -> float:
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"field {name} is not a number")
+    return float(value)
 
 
 def backoff(

@@ -16,12 +16,13 @@ import socket
 import uuid
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import RedisError, ResponseError
 
 from bot import metrics
 from bot.logging import get_logger
 from bot.retries.broker import Broker, BrokerUnavailable
+from bot.retries.jobs import decode
 
 log = get_logger(__name__)
 
@@ -55,28 +56,50 @@ class Outbox:
 
 
 class Relay:
-    """Publishes outbox entries to the work queue whenever the broker is up."""
+    """Publishes outbox entries to the work queue whenever the broker is up.
+
+    An entry that is not a job (no body, a body `decode` refuses, bytes that are not UTF-8)
+    is parked in the dead-letter queue with its reason and deleted, once; the entries behind
+    it flow on. The relay reads the stream as bytes, with a client of its own, so even an
+    entry that is not text cannot make the read itself fail for every relay in turn.
+    """
 
     def __init__(self, outbox: Outbox, broker: Broker) -> None:
         self.outbox = outbox
         self.broker = broker
-        self.redis = outbox.redis
+        pool = outbox.redis.connection_pool
+        self.redis: Redis = Redis.from_pool(
+            ConnectionPool(
+                connection_class=pool.connection_class,
+                **{**pool.connection_kwargs, "decode_responses": False},
+            )
+        )
         self.key = outbox.key
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._group_ready = False
 
     async def run(self) -> None:
         """Relay until cancelled."""
-        while True:
-            try:
-                moved = await self.relay_once()
-            except RedisError as exc:
-                log.warning("outbox_relay_redis_error", error=type(exc).__name__)
-                self._group_ready = False  # the stream (and its group) may have been lost
-                await asyncio.sleep(1)
-                continue
-            if moved is None:
-                await asyncio.sleep(0.5)  # broker down: the outbox keeps the jobs
+        try:
+            while True:
+                try:
+                    moved = await self.relay_once()
+                except RedisError as exc:
+                    log.warning("outbox_relay_redis_error", error=type(exc).__name__)
+                    self._group_ready = False  # the stream (and its group) may have been lost
+                    await asyncio.sleep(1)
+                    continue
+                except Exception:  # the relay must outlive any surprise; the entry stays
+                    log.exception("outbox_relay_failed")
+                    await asyncio.sleep(1)
+                    continue
+                if moved is None:
+                    await asyncio.sleep(0.5)  # broker down: the outbox keeps the jobs
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
 
     async def relay_once(self) -> int | None:
         """Publish one batch; the count published, or None while the broker is down."""
@@ -98,31 +121,37 @@ class Relay:
             if not fields:  # deleted while pending
                 await self.redis.xack(self.key, GROUP, entry_id)
                 continue
+            body = fields.get(b"body")
+            mid, uid = (_text(fields.get(name)) for name in (b"mid", b"uid"))
+            problem = _unreadable(body)
             try:
-                await self.broker.publish(
-                    fields["body"].encode(),
-                    self.broker.topology.work,
-                    message_id=fields.get("mid", ""),
-                    user_id=fields.get("uid", ""),
-                )
+                if problem is None:
+                    await self.broker.publish(
+                        body, self.broker.topology.work, message_id=mid, user_id=uid
+                    )
+                else:
+                    await self.broker.dead_letter(
+                        body or b"", "outbox_unreadable", problem, message_id=mid, user_id=uid
+                    )
             except BrokerUnavailable:
                 return published or None
-            metrics.RETRY_JOBS_PUBLISHED.inc()
             pipe = self.redis.pipeline(transaction=True)
             pipe.xack(self.key, GROUP, entry_id)
             pipe.xdel(self.key, entry_id)
             await pipe.execute()
-            published += 1
-            log.info("outbox_job_relayed", message_id=fields.get("mid"))
+            if problem is None:
+                metrics.RETRY_JOBS_PUBLISHED.inc()
+                published += 1
+                log.info("outbox_job_relayed", message_id=mid)
         return published
 
-    async def _read(self, start: str, block: int | None = None) -> list[tuple[str, Any]]:
+    async def _read(self, start: str, block: int | None = None) -> list[tuple[bytes, Any]]:
         res = await self.redis.xreadgroup(
             GROUP, self.consumer, {self.key: start}, count=BATCH, block=block
         )
         if not res:
             return []
-        entries: list[tuple[str, Any]] = res[0][1]
+        entries: list[tuple[bytes, Any]] = res[0][1]
         return entries
 
     async def _ensure_group(self) -> None:
@@ -134,3 +163,18 @@ class Relay:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._group_ready = True
+
+
+def _text(value: bytes | None) -> str:
+    return "" if value is None else value.decode(errors="replace")
+
+
+def _unreadable(body: bytes | None) -> str | None:
+    """Why an outbox entry's body is not a job, or None when it is one."""
+    if body is None:
+        return "entry has no body field"
+    try:
+        decode(body)
+    except ValueError as exc:
+        return str(exc)
+    return None

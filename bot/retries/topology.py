@@ -22,7 +22,9 @@ from aio_pika.abc import AbstractChannel, AbstractQueue
 from bot.retries.jobs import delay_levels
 from bot.settings import Settings
 
-# A job whose delivery keeps killing the worker goes to the parking lot instead of looping.
+# A job whose delivery keeps killing the worker goes to the parking lot instead of looping:
+# the worker parks it itself, with its reason and an apology, one delivery before the broker
+# would (silently) at this limit.
 WORK_DELIVERY_LIMIT = 50
 
 
@@ -32,11 +34,13 @@ class Topology:
 
     prefix: str
     levels: tuple[int, ...]
+    delivery_limit: int = WORK_DELIVERY_LIMIT
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
         levels = delay_levels(settings.retry_base_delay, settings.retry_max_delay)
-        return cls(settings.queue_prefix, tuple(levels))
+        # The module's limit as it is now (a test lowers it to see the limit in seconds).
+        return cls(settings.queue_prefix, tuple(levels), WORK_DELIVERY_LIMIT)
 
     @property
     def work(self) -> str:
@@ -67,7 +71,7 @@ async def declare(channel: AbstractChannel, topo: Topology) -> dict[str, Abstrac
             durable=True,
             arguments={
                 **quorum,
-                "x-delivery-limit": WORK_DELIVERY_LIMIT,
+                "x-delivery-limit": topo.delivery_limit,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": topo.dead,
             },

@@ -5,6 +5,14 @@ delay queue, or to the dead-letter queue with an apology in the inbox), so a wor
 any point loses nothing: the broker redelivers what was not acked, and the inbox keeps one
 reply per message id. Backoff is exponential with full jitter and never shorter than the
 upstream's Retry-After; delays are served by the per-level delay queues (`publish_job`).
+
+A dependency outage delays jobs and never loses them. On a Redis error the job is put back
+through a delay queue (a new message, so it burns none of the work queue's delivery limit) and
+the worker stops consuming until Redis answers again. Nothing reaches the dead-letter queue
+without its reason: a body that is not a job is parked there once (no apology: there is no
+user to tell), and a job the broker redelivered nearly up to the queue's delivery limit (the
+worker kept dying on it) is parked by the worker itself, with the apology, before the broker
+would drop it there silently.
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
+from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from redis.exceptions import RedisError
 
@@ -31,8 +41,18 @@ from bot.upstream import Answerer
 
 log = get_logger(__name__)
 
-# A job that hit a Redis or broker error waits this long before it is handed back.
+# A job that hit a Redis error comes back after about this long (through a delay queue).
 _INFRA_PAUSE = 2.0
+# How often a paused worker asks Redis whether it is back.
+_PROBE_INTERVAL = 0.5
+# Deliveries left before the broker's own (silent) dead-lettering when the worker parks a job.
+_DELIVERY_MARGIN = 1
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """Earlier deliveries of this message that were not acked (quorum queues count them)."""
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    return count if isinstance(count, int) else 0
 
 
 class Worker:
@@ -47,20 +67,55 @@ class Worker:
         self.answerer = answerer
         self.levels = list(broker.topology.levels)
         self._inflight: set[asyncio.Task[object]] = set()
+        self._redis_lost = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; then let in-flight jobs finish (or hand them back) and return."""
         while not stop.is_set() and not await self.broker.wait_declared(1.0):
             pass
-        if stop.is_set():
-            return
-        queue = self.broker.queues[self.broker.topology.work]
-        tag = await queue.consume(self._on_message)
-        log.info("worker_consuming", queue=queue.name, prefetch=self.broker.prefetch)
-        await stop.wait()
-        with contextlib.suppress(*CONNECTION_EXCEPTIONS):
-            await queue.cancel(tag)
+        queue = self.broker.queues.get(self.broker.topology.work)
+        while queue is not None and not stop.is_set():
+            tag = await self._consume(queue, stop)
+            if tag is None:
+                break
+            await _first(stop.wait(), self._redis_lost.wait())
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                await queue.cancel(tag)
+            if not stop.is_set():
+                await self._await_redis(stop)
         await self.drain(self.settings.drain_timeout)
+
+    async def _consume(self, queue: AbstractQueue, stop: asyncio.Event) -> str | None:
+        """Start consuming (retrying while the broker is away); None once `stop` is set."""
+        while not stop.is_set():
+            try:
+                tag = await queue.consume(self._on_message)
+            except CONNECTION_EXCEPTIONS as exc:
+                log.warning("worker_consume_failed", error=repr(exc))
+                await asyncio.sleep(1)
+                continue
+            log.info("worker_consuming", queue=queue.name, prefetch=self.broker.prefetch)
+            return str(tag)
+        return None
+
+    async def _await_redis(self, stop: asyncio.Event) -> None:
+        """Hold consumption until Redis answers a PING (or `stop`), and at least as long as
+        the jobs put back are away: a Redis that answers PING but refuses writes (full) must
+        not turn into a loop that takes and puts back the same jobs as fast as it can."""
+        log.warning("worker_paused", dependency="redis")
+        metrics.DEPENDENCY_UP.labels(dependency="redis").set(0)
+        paused = time.monotonic()
+        await _first(stop.wait(), asyncio.sleep(_INFRA_PAUSE))
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.inbox.redis.ping()
+                break
+            except (RedisError, OSError, TimeoutError):
+                await _first(stop.wait(), asyncio.sleep(_PROBE_INTERVAL))
+        self._redis_lost.clear()
+        metrics.DEPENDENCY_UP.labels(dependency="redis").set(1)
+        log.info("worker_resumed", paused=round(time.monotonic() - paused, 3))
 
     async def drain(self, seconds: float) -> None:
         """Wait for in-flight jobs; cancel what is left (its messages go back when the
@@ -80,7 +135,10 @@ class Worker:
         self._inflight.add(task)
         try:
             await self.handle(message)
-        except (RedisError, BrokerUnavailable, *CONNECTION_EXCEPTIONS) as exc:
+        except RedisError as exc:
+            self._redis_lost.set()
+            await self._put_back(message, exc)
+        except (BrokerUnavailable, *CONNECTION_EXCEPTIONS) as exc:
             log.warning("retry_job_deferred_by_error", error=repr(exc))
             await asyncio.sleep(_INFRA_PAUSE)
             with contextlib.suppress(*CONNECTION_EXCEPTIONS):
@@ -88,13 +146,46 @@ class Worker:
         finally:
             self._inflight.discard(task)
 
+    async def _put_back(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        """Send a job Redis failed for round a delay queue, unchanged, and ack the delivery:
+        a new message starts with no deliveries counted, so an outage of any length uses
+        up none of the work queue's delivery limit."""
+        log.warning("retry_job_deferred_by_error", message_id=message.message_id, error=repr(exc))
+        hop = next_hop(_INFRA_PAUSE, self.levels) or self.levels[0]
+        try:
+            await self.broker.publish(
+                message.body,
+                self.broker.topology.delay(hop),
+                message_id=message.message_id or "",
+                user_id=_user_id(message),
+            )
+        except (BrokerUnavailable, *CONNECTION_EXCEPTIONS):
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                await message.nack(requeue=True)
+            return
+        with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+            await message.ack()
+
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        """One delivery: skip, re-delay, answer, retry later or give up."""
+        """One delivery: park, skip, re-delay, answer, retry later or give up."""
         try:
             job, not_before = decode(message.body)
         except ValueError as exc:
-            log.error("retry_job_unreadable", error=str(exc))
-            await message.reject(requeue=False)  # dead-letters it to the parking lot
+            # Poison: no retry can make it a job. Parked once, and the queue flows on.
+            await self.broker.dead_letter(
+                message.body,
+                "unreadable",
+                str(exc),
+                message_id=message.message_id or "",
+                user_id=_user_id(message),
+            )
+            await message.ack()
+            return
+        deliveries = delivery_count(message) + 1
+        if deliveries > self.broker.topology.delivery_limit - _DELIVERY_MARGIN:
+            detail = f"delivered {deliveries} times without being acked"
+            await self._give_up(job, "redelivered", detail)
+            await message.ack()
             return
         if await self.inbox.answered(job.user_id, job.message_id):
             # Redelivered after its reply was stored (a worker died before acking) or queued
@@ -126,16 +217,7 @@ class Worker:
     async def _failed(self, job: Job, exc: UpstreamUnavailable) -> None:
         job.attempt += 1
         if job.attempt >= self.settings.retry_max_attempts:
-            await self.broker.publish(
-                encode(job, 0.0),
-                self.broker.topology.dead,
-                message_id=job.message_id,
-                user_id=job.user_id,
-            )
-            if await self.inbox.deliver(job.user_id, job.message_id, APOLOGY, "apology"):
-                metrics.REPLIES_DELIVERED.inc()
-            metrics.RETRY_ATTEMPTS.labels(outcome="dead").inc()
-            log.warning("retry_job_dead", message_id=job.message_id, attempts=job.attempt)
+            await self._give_up(job, "max_attempts", f"{job.attempt} attempts: {exc.reason}")
             return
         delay = backoff(
             job.attempt,
@@ -152,6 +234,35 @@ class Worker:
             delay=round(delay, 3),
             reason=exc.reason,
         )
+
+    async def _give_up(self, job: Job, code: str, detail: str) -> None:
+        """Apologise to the user, then park the job with its reason.
+
+        The apology first: should Redis fail, nothing was parked yet and the job is put back
+        whole; the inbox keeps one apology per message id whatever happens after.
+        """
+        if await self.inbox.deliver(job.user_id, job.message_id, APOLOGY, "apology"):
+            metrics.REPLIES_DELIVERED.inc()
+        await self.broker.dead_letter(
+            encode(job, 0.0), code, detail, message_id=job.message_id, user_id=job.user_id
+        )
+        metrics.RETRY_ATTEMPTS.labels(outcome="dead").inc()
+
+
+def _user_id(message: AbstractIncomingMessage) -> str:
+    uid = (message.headers or {}).get("user_id", "")
+    return uid if isinstance(uid, str) else ""
+
+
+async def _first(*aws: Coroutine[Any, Any, object]) -> None:
+    """Wait until the first of `aws` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def watch_queues(broker: Broker, outbox: Outbox, interval: float = 5.0) -> None:

@@ -1,0 +1,48 @@
+"""Bounds on long polls (replies ``?wait=``), apart from the load shedder's in-flight count.
+
+A long poll holds a connection and a Redis connection for up to 30 s but almost no CPU, so
+it is not counted in ``BOT_MAX_INFLIGHT`` (which protects the CPU, and which long polls
+would otherwise exhaust, shedding messages and health checks). It has bounds of its own, per
+replica (``BOT_LONGPOLL_MAX``: beyond it ``503 overloaded``, another replica may have room)
+and per user (``BOT_LONGPOLL_PER_USER``: beyond it ``429 too_many_long_polls``, the caller's
+own doing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from bot.errors import Overloaded, RateLimited
+
+
+class LongPolls:
+    """Counts this replica's long polls, in total and per user, and refuses beyond the bounds."""
+
+    def __init__(self, max_total: int, per_user: int) -> None:
+        self.max_total = max_total
+        self.per_user = per_user
+        self.total = 0
+        self._users: dict[str, int] = {}
+
+    @contextmanager
+    def slot(self, user_id: str) -> Iterator[None]:
+        """Hold one long-poll slot for `user_id` while the block runs."""
+        held = self._users.get(user_id, 0)
+        if held >= self.per_user:
+            raise RateLimited(
+                f"at most {self.per_user} long polls at once per user", code="too_many_long_polls"
+            )
+        if self.total >= self.max_total:
+            raise Overloaded("this replica holds all the long polls it can; try again", 1)
+        self.total += 1
+        self._users[user_id] = held + 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            left = self._users[user_id] - 1
+            if left:
+                self._users[user_id] = left
+            else:
+                del self._users[user_id]
