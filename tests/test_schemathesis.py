@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from bot.core.validation import MAX_TEXT, parse_message
 from bot.errors import BadRequest
+from bot.inbox import valid_cursor
 from tests.support import Stack, post, run, unique
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +113,40 @@ def test_control_characters_at_either_end_are_refused(stack: Stack, text: str) -
     r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": text})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "invalid_text"
+
+
+def test_cursor_rule_is_the_documented_pattern() -> None:
+    pattern = re.compile(_spec()["components"]["schemas"]["Cursor"]["pattern"])
+    top = 2**64 - 1
+    rng = random.Random(15)
+    cursors = ["0", "00", "1", "", "0-0", "1-2-3", "a-b", "\u0661-\u0661", f"{top}-{top}"]
+    cursors += [f"{top + 1}-0", f"0-{top + 1}", "0" * 20 + "-1", "0" * 21 + "-1"]
+    for _ in range(20_000):
+        # short ids, ids near and just past 2**64-1, some with leading zeros
+        a, b = (rng.choice([rng.randrange(10**19), top - rng.randrange(-99, 99)]) for _ in "ab")
+        cursors.append(f"{'0' * rng.randrange(3)}{a}-{b}")
+    for cursor in cursors:
+        assert (pattern.search(cursor) is not None) == valid_cursor(cursor), cursor
+
+
+@pytest.mark.system
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ("wait=0.30000000000000004", 200),  # a valid number in range: it was a 400
+        ("wait=", 200),  # allowEmptyValue: the same as no wait
+        ("after=&limit=", 200),
+        ("wait=0&wait=abc", 400),  # the first value was read, the rest ignored: a 200
+        ("wait=&wait=abc", 400),
+        ("after=0&after=x", 400),
+        ("limit=5&limit=500", 400),
+    ],
+)
+def test_replies_parameters_answer_as_documented(stack: Stack, query: str, status: int) -> None:
+    r = requests.get(f"{stack.url}/v1/users/{unique()}/replies?{query}", timeout=10)
+    assert r.status_code == status, r.text
+    if status == 400:
+        assert r.json()["error"]["code"] == "invalid_query"
 
 
 def _schemathesis(url: str, cwd: Path, max_examples: int, *extra: str) -> str:
