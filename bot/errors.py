@@ -61,6 +61,13 @@ class MethodNotAllowed(BotError):
         return {"Allow": ", ".join(sorted(self.allowed))} if self.allowed else {}
 
 
+class Conflict(BotError):
+    """A well-formed request the resource's current state refuses (a user's 101st pref)."""
+
+    status = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(BotError):
     status = 413
     code = "payload_too_large"

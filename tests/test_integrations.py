@@ -106,7 +106,7 @@ def test_more_than_100_keys_is_refused_and_stores_nothing(stack: Stack) -> None:
     hundred = {f"k{i}": "v" for i in range(100)}
     assert requests.put(_prefs_url(stack, user), json={"prefs": hundred}, timeout=5).ok
     r = requests.put(_prefs_url(stack, user), json={"prefs": {"k0": "w", "new": "x"}}, timeout=5)
-    assert r.status_code == 400
+    assert r.status_code == 409 and r.json()["error"]["code"] == "too_many_prefs"
     stored = requests.get(_prefs_url(stack, user), timeout=5).json()["prefs"]
     assert len(stored) == 100 and stored["k0"] == "v"
     r = post(stack.url + "/v1/messages", {"user_id": user, "text": "/prefs set new x"})

@@ -9,7 +9,7 @@ from bot.api.keys import STORE
 from bot.api.messages import read_json
 from bot.api.render import json_response
 from bot.core.validation import check_id, check_pref_key, check_pref_value
-from bot.errors import BadRequest, Unavailable
+from bot.errors import BadRequest, Conflict, Unavailable
 from bot.store import MAX_PREFS, TooManyPrefs
 
 
@@ -45,7 +45,9 @@ async def put_prefs(request: web.Request) -> web.Response:
     try:
         prefs = await request.app[STORE].set_prefs(user, clean)
     except TooManyPrefs as exc:
-        raise BadRequest(str(exc), code="too_many_prefs") from None
+        # The request is valid on its own (at most 100 keys): what refuses it is what the
+        # user already has, so 409, not the 400 of an ill-formed request.
+        raise Conflict(str(exc), code="too_many_prefs") from None
     except RedisError:
         raise _unavailable() from None
     return json_response({"prefs": prefs})

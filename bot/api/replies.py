@@ -20,8 +20,17 @@ from bot.inbox import MAX_WAIT, PAGE, valid_cursor
 ROUTE = "/v1/users/{user_id}/replies"
 # ASCII only: str.isdigit() and float() accept other scripts' digits, which int() or Redis
 # then refuse (a 500 once).
-_WAIT_RE = re.compile(r"[0-9]{1,16}(\.[0-9]{0,16})?([eE][+-]?[0-9]{1,3})?")
+# No bound on the digits: 0.30000000000000004 is a valid wait (float() reads any length fast).
+_WAIT_RE = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
 _LIMIT_RE = re.compile(r"[0-9]{1,3}")
+
+
+def _query(request: web.Request, name: str) -> str | None:
+    """The one value of query parameter `name`: given twice it is ambiguous, a 400."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"{name} must be given at most once", code="invalid_query")
+    return values[0] if values else None
 
 
 def _wait(raw: str | None) -> float:
@@ -56,7 +65,7 @@ def is_long_poll(request: web.Request) -> bool:
     if resource is None or resource.canonical != ROUTE:
         return False
     try:
-        return _wait(request.query.get("wait")) > 0
+        return _wait(_query(request, "wait")) > 0
     except BadRequest:
         return False
 
@@ -64,9 +73,9 @@ def is_long_poll(request: web.Request) -> bool:
 async def get_replies(request: web.Request) -> web.Response:
     """Replies after the cursor, oldest first; `wait` long-polls until one arrives."""
     user = check_id(request.match_info["user_id"], "user_id")
-    after = _after(request.query.get("after"))
-    wait = _wait(request.query.get("wait"))
-    limit = _limit(request.query.get("limit"))
+    after = _after(_query(request, "after"))
+    wait = _wait(_query(request, "wait"))
+    limit = _limit(_query(request, "limit"))
     inbox = request.app[SERVICE].inbox
     if inbox is None:
         raise Unavailable("deferred replies are unavailable right now", 5)
