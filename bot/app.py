@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -12,7 +13,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bot import metrics
+from bot import inbox_watch, metrics
 from bot.api import docs, health, messages, middleware, prefs, replies
 from bot.api.keys import (
     HTTP,
@@ -76,14 +77,15 @@ def create_metrics_app() -> web.Application:
     return app
 
 
-def make_redis(settings: Settings) -> Redis:
+def make_redis(settings: Settings, *, socket_timeout: float = 1.0, **kwargs: Any) -> Redis:
     """A Redis client whose every call has a timeout."""
     redis: Redis = Redis.from_url(
         settings.redis_url,
         decode_responses=True,
-        socket_timeout=1.0,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=1.0,
         health_check_interval=15,
+        **kwargs,
     )
     return redis
 
@@ -177,16 +179,24 @@ async def retries_ctx(app: web.Application) -> AsyncIterator[None]:
     broker = Broker(settings, f"bot-replica-{settings.queue_prefix}")
     outbox = Outbox(app[REDIS], settings.queue_prefix)
     service = app[SERVICE]
-    service.inbox = Inbox(app[REDIS])
+    # The long polls' one blocking reader, on a connection of its own (its block outlasts
+    # the shared pool's 1 s socket timeout).
+    reader = make_redis(
+        settings, socket_timeout=inbox_watch.BLOCK_MS / 1000 + 2, single_connection_client=True
+    )
+    watch = inbox_watch.InboxWatch(reader, app[REDIS])
+    service.inbox = Inbox(app[REDIS], watch)
     service.deferrer = RetryQueue(settings, broker, outbox, app[REDIS])
     app[READINESS].append(("rabbitmq", broker.ready))
     await broker.start()
     relay = asyncio.create_task(Relay(outbox, broker).run())
-    yield
+    async with inbox_watch.running(watch):
+        yield
     relay.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await relay
     await broker.close()
+    await reader.aclose()
 
 
 async def dependency_watch_ctx(app: web.Application) -> AsyncIterator[None]:

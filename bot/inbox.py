@@ -9,6 +9,7 @@ redelivers it) cannot deliver twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from bot.inbox_watch import InboxWatch
 from bot.store import user_key
 
 INBOX_TTL = 7 * 86400  # undelivered replies are kept a week after the last one arrived
@@ -64,8 +66,9 @@ class Reply:
 class Inbox:
     """Per-user deferred replies in Redis."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, watch: InboxWatch | None = None) -> None:
         self.redis = redis
+        self.watch = watch  # where a replica's long polls wait; without it, each blocks in Redis
         self._deliver = redis.register_script(files("bot").joinpath("inbox.lua").read_text())
 
     @staticmethod
@@ -109,16 +112,53 @@ class Inbox:
         """
         key = self._keys(user_id)[0]
         deadline = time.monotonic() + min(wait, MAX_WAIT)
+        if self.watch is not None:
+            entries = await self._watched(key, after, limit, deadline, stop)
+        else:
+            entries = await self._blocking(key, after, limit, deadline, stop)
+        replies = [
+            Reply(f["m"], f["r"], f["at"], f.get("k", "answer"), entry_id)
+            for entry_id, f in entries
+        ]
+        return replies, (replies[-1].cursor if replies else after)
+
+    async def _read(self, key: str, after: str, limit: int) -> list[Any]:
+        res = await self.redis.xread({key: after}, count=limit)
+        return list(res[0][1]) if res else []
+
+    async def _watched(
+        self, key: str, after: str, limit: int, deadline: float, stop: Callable[[], bool]
+    ) -> list[Any]:
+        """Read; if nothing is there, wait in this process for the watch to say there may be."""
+        assert self.watch is not None
+        entries = await self._read(key, after, limit)
+        if entries or deadline <= time.monotonic() or stop():
+            return entries
+        with self.watch.watch(key, after) as news:
+            while not entries and not stop():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                # In slices, so a draining replica lets its polls go within one.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, _BLOCK_SLICE_MS / 1000)):
+                        await news.wait()
+                if news.is_set():
+                    news.clear()
+                    entries = await self._read(key, after, limit)
+            if not entries:  # the last look: an entry may have come just as the watch began
+                entries = await self._read(key, after, limit)
+        return entries
+
+    async def _blocking(
+        self, key: str, after: str, limit: int, deadline: float, stop: Callable[[], bool]
+    ) -> list[Any]:
+        """XREAD BLOCK on the shared pool, in slices (the worker and tests, without a watch)."""
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             block = min(_BLOCK_SLICE_MS, left_ms) if left_ms > 0 and not stop() else None
             res = await self.redis.xread({key: after}, count=limit, block=block or None)
             entries = res[0][1] if res else []
             if entries or block is None:
-                break
+                return list(entries)
             await asyncio.sleep(0)
-        replies = [
-            Reply(f["m"], f["r"], f["at"], f.get("k", "answer"), entry_id)
-            for entry_id, f in entries
-        ]
-        return replies, (replies[-1].cursor if replies else after)
