@@ -28,6 +28,7 @@ from bot.api.keys import (
 )
 from bot.api.longpoll import LongPolls
 from bot.core.service import BotService
+from bot.errors import MAX_BODY
 from bot.inbox import Inbox
 from bot.logging import get_logger
 from bot.ratelimit import LocalLimiter, Policy, SharedLimiter
@@ -46,7 +47,7 @@ def create_app(settings: Settings) -> web.Application:
     """A bot replica: the public API plus /healthz and /readyz (metrics are served apart)."""
     app = web.Application(
         middlewares=middleware.build(settings),
-        client_max_size=messages.MAX_BODY,
+        client_max_size=MAX_BODY,
     )
     app[SETTINGS] = settings
     app[STATE] = {"draining": False, "inflight": 0}

@@ -21,7 +21,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import metrics
+from bot.core.types import RateState
 from bot.settings import Rate
+
+__all__ = ["LocalLimiter", "Policy", "RateState", "SharedLimiter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,20 +59,11 @@ class Policy:
         rate = Rate(max(1, self.rate.count // share), self.rate.period)
         return Policy(rate, max(0, self.capacity // share - 1), self.name)
 
-
-@dataclass(frozen=True, slots=True)
-class RateState:
-    """What one limiter decision tells the client."""
-
-    remaining: int
-    reset_s: float
-    retry_after_s: float = 0.0
-
-    def headers(self, policy: Policy) -> dict[str, str]:
-        """IETF draft-ietf-httpapi-ratelimit-headers (structured fields form)."""
+    def headers(self, state: RateState) -> dict[str, str]:
+        """IETF draft-ietf-httpapi-ratelimit-headers (structured fields form) for `state`."""
         return {
-            "RateLimit-Policy": f'"{policy.name}";q={policy.capacity};w={policy.window}',
-            "RateLimit": f'"{policy.name}";r={max(0, self.remaining)};t={math.ceil(self.reset_s)}',
+            "RateLimit-Policy": f'"{self.name}";q={self.capacity};w={self.window}',
+            "RateLimit": f'"{self.name}";r={max(0, state.remaining)};t={math.ceil(state.reset_s)}',
         }
 
 

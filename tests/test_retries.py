@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from bot import metrics
 from bot.answers import Answer
 from bot.app import make_redis
-from bot.core.service import Job
+from bot.core.types import Job
 from bot.errors import Unavailable, UpstreamUnavailable
 from bot.inbox import APOLOGY, Inbox
 from bot.retries import dlq, topology

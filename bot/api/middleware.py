@@ -16,6 +16,7 @@ import uuid
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from redis.exceptions import RedisError
 
 from bot import metrics
 from bot.api.keys import KEY_LIMITER, STATE
@@ -31,6 +32,7 @@ from bot.errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    StorageUnavailable,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -78,8 +80,11 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     except BotError as exc:
         return error_response(exc)
+    except RedisError as exc:  # Redis down or refusing: the one place that says so
+        log.warning("storage_unavailable", path=request.path, error=type(exc).__name__)
+        return error_response(StorageUnavailable())
     except web.HTTPRequestEntityTooLarge:
-        return error_response(PayloadTooLarge("request body is larger than 64 KiB"))
+        return error_response(PayloadTooLarge())
     except web.HTTPMethodNotAllowed as exc:
         return error_response(
             MethodNotAllowed(f"{request.method} is not allowed here", tuple(exc.allowed_methods))
@@ -204,7 +209,7 @@ async def _take_key_token(request: web.Request, key: ApiKey) -> None:
         raise RateLimited(
             "this API key sends too fast; slow down",
             state.retry_after_s,
-            extra=state.headers(limiter.policy),
+            extra=limiter.policy.headers(state),
             code="key_rate_limited",
         )
 

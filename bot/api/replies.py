@@ -9,10 +9,10 @@ import re
 from contextlib import nullcontext
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from bot.api.keys import LONGPOLLS, SERVICE, STATE
 from bot.api.render import json_response
+from bot.core.types import Reply
 from bot.core.validation import check_id
 from bot.errors import BadRequest, Unavailable
 from bot.inbox import MAX_WAIT, PAGE, valid_cursor
@@ -72,11 +72,13 @@ async def get_replies(request: web.Request) -> web.Response:
         raise Unavailable("deferred replies are unavailable right now", 5)
     state = request.app[STATE]
     slot = request.app[LONGPOLLS].slot(user) if wait > 0 else nullcontext()
-    try:
-        with slot:
-            replies, cursor = await inbox.page(
-                user, after, wait=wait, limit=limit, stop=lambda: bool(state["draining"])
-            )
-    except RedisError:
-        raise Unavailable("deferred replies are unavailable right now", 5) from None
-    return json_response({"replies": [r.as_json() for r in replies], "next": cursor})
+    with slot:
+        replies, cursor = await inbox.page(
+            user, after, wait=wait, limit=limit, stop=lambda: bool(state["draining"])
+        )
+    return json_response({"replies": [_rendered(r) for r in replies], "next": cursor})
+
+
+def _rendered(reply: Reply) -> dict[str, str]:
+    """A reply as contract.md shows it (its kind and cursor stay inside)."""
+    return {"message_id": reply.message_id, "reply": reply.reply, "at": reply.at}

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from bot.core.service import Job
+from bot.core.types import Job
 
 # An upstream asking us to wait longer than this is treated as asking for this long.
 MAX_RETRY_AFTER = 3600.0

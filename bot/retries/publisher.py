@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.core.service import Job
+from bot.core.types import Job
 from bot.errors import Unavailable
 from bot.logging import get_logger
 from bot.retries.broker import Broker, BrokerUnavailable

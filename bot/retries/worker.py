@@ -28,7 +28,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.core.service import Job
+from bot.core.types import Job
 from bot.errors import UpstreamUnavailable
 from bot.inbox import APOLOGY, Inbox
 from bot.logging import get_logger
