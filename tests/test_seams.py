@@ -1,0 +1,183 @@
+"""The seams between the API, the core and its adapters (issue 16, items 3 and 4).
+
+Core speaks its own language (kinds, typed replies, value types in a module that imports
+nothing of the bot's), and each error is mapped to HTTP in one place. Against the real
+Redis; the replica in-process (aiohttp's own test server) where HTTP is what is checked.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from bot.answers import Answer
+from bot.app import create_app
+from bot.core.service import BotService
+from bot.core.types import Job, Outcome, Reply
+from bot.core.validation import parse_message
+from bot.errors import BadRequest, UpstreamUnavailable
+from bot.inbox import Inbox
+from bot.ratelimit import LocalLimiter, Policy
+from bot.settings import Rate, load_settings
+from bot.store import MAX_PREFS, Store, TooManyPrefs
+from tests.support import unique
+
+BOT = Path(__file__).resolve().parents[1] / "bot"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports (absolute names; relative ones as written)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
+def _mentions(path: Path, name: str) -> bool:
+    return any(
+        isinstance(node, ast.Name | ast.Attribute | ast.alias)
+        and name
+        in (getattr(node, "id", None), getattr(node, "attr", None), getattr(node, "name", None))
+        for node in ast.walk(ast.parse(path.read_text()))
+    )
+
+
+def test_core_value_types_import_nothing_of_the_bot() -> None:
+    imported = _imported_modules(BOT / "core" / "types.py")
+    assert imported, "expected at least the standard library"
+    assert not {m for m in imported if m == "bot" or m.startswith(("bot.", "."))}, imported
+
+
+def test_retry_adapters_take_job_from_the_core_types() -> None:
+    for path in sorted((BOT / "retries").glob("*.py")):
+        assert "bot.core.service" not in _imported_modules(path), path.name
+
+
+def test_only_the_rendering_middleware_turns_redis_errors_into_http() -> None:
+    mapping = sorted(p.name for p in (BOT / "api").glob("*.py") if _mentions(p, "RedisError"))
+    assert mapping == ["middleware.py"]
+
+
+def test_only_the_api_knows_http_status_codes_of_outcomes() -> None:
+    fields = {f.name for f in dataclasses.fields(Outcome)}
+    assert "kind" in fields and "status" not in fields
+
+
+class _Upstream:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+        if self.fail:
+            raise UpstreamUnavailable("down for the test", 2.0)
+        return Answer(f"answer to {question}")
+
+
+class _Deferrer:
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    async def defer(self, job: Job, retry_after: float | None) -> None:
+        self.jobs.append(job)
+
+
+def _service(redis: Redis, upstream: _Upstream, **kw: Any) -> BotService:
+    policy = Policy(Rate(100, 1.0), 100)
+    return BotService(Store(redis, policy), upstream, policy, LocalLimiter(policy), **kw)
+
+
+def _msg(user: str, text: str, mid: str | None = None) -> Any:
+    return parse_message({"user_id": user, "text": text, "message_id": mid or unique("m")}, "r")
+
+
+async def test_core_answers_in_kinds_and_a_replay_finds_the_deferred_reply(redis: Redis) -> None:
+    deferrer, inbox = _Deferrer(), Inbox(redis)
+    service = _service(redis, _Upstream(fail=True), deferrer=deferrer, inbox=inbox)
+    user = unique()
+    helped = await service.handle(_msg(user, "/help"))
+    assert (helped.kind, helped.body["status"], helped.replayed) == ("replied", "replied", False)
+
+    msg = _msg(user, "what is a pulsar?")
+    queued = await service.handle(msg)
+    assert (queued.kind, queued.body) == (
+        "queued",
+        {"message_id": msg.message_id, "status": "queued"},
+    )
+    assert [j.message_id for j in deferrer.jobs] == [msg.message_id]
+
+    again = await service.handle(msg)  # no reply yet: the record says queued
+    assert (again.kind, again.replayed) == ("queued", True)
+    assert await inbox.deliver(user, msg.message_id, "a neutron star")
+    later = await service.handle(msg)  # the deferred reply is there now
+    assert (later.kind, later.body["reply"], later.replayed) == ("replied", "a neutron star", True)
+
+
+async def test_inbox_delivered_is_the_reply_with_its_kind_and_cursor(redis: Redis) -> None:
+    inbox, user = Inbox(redis), unique()
+    assert await inbox.delivered(user, "m1") is None
+    assert await inbox.deliver(user, "m1", "sorry", "apology")
+    apology = await inbox.delivered(user, "m1")
+    assert isinstance(apology, Reply) and apology.kind == "apology"
+    assert not await inbox.answered(user, "m1")
+    assert await inbox.deliver(user, "m1", "the answer")
+    answer = await inbox.delivered(user, "m1")
+    page, _ = await inbox.page(user)
+    assert answer == page[-1]  # the same reply, cursor included
+    assert (answer.reply, answer.kind) == ("the answer", "answer")
+    assert await inbox.answered(user, "m1")
+
+
+async def test_too_many_prefs_is_one_400_error_whoever_sets_them(redis: Redis) -> None:
+    store, user = Store(redis, Policy(Rate(1, 1.0), 0)), unique()
+    await store.set_prefs(user, {f"k{i}": "v" for i in range(MAX_PREFS)})
+    with pytest.raises(TooManyPrefs) as exc:
+        await store.set_prefs(user, {"one-more": "v"})
+    assert isinstance(exc.value, BadRequest)
+    assert (exc.value.status, exc.value.code) == (400, "too_many_prefs")
+    service = _service(redis, _Upstream())
+    with pytest.raises(TooManyPrefs):
+        await service.handle(_msg(user, "/prefs set another v"))
+
+
+@pytest.fixture
+async def redisless() -> AsyncIterator[TestClient[Any, Any]]:
+    """A replica in-process whose Redis and RabbitMQ are nowhere (closed ports)."""
+    settings = load_settings(
+        {
+            "BOT_DOTENV": "/dev/null",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
+        }
+    )
+    async with TestClient(TestServer(create_app(settings))) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/users/u1/prefs", None),
+        ("PUT", "/v1/users/u1/prefs", {"prefs": {"lang": "en"}}),
+        ("DELETE", "/v1/users/u1/prefs", None),
+        ("DELETE", "/v1/users/u1/prefs/lang", None),
+        ("GET", "/v1/users/u1/replies", None),
+        ("POST", "/v1/messages", {"user_id": "u1", "text": "/prefs"}),
+    ],
+)
+async def test_redis_down_is_a_503_json_with_retry_after_on_every_route(
+    redisless: TestClient[Any, Any], method: str, path: str, body: Any
+) -> None:
+    resp = await redisless.request(method, path, json=body)
+    assert resp.status == 503, await resp.text()
+    assert (await resp.json())["error"]["code"] == "unavailable"
+    assert resp.headers["Retry-After"] == "5"
