@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from bot import metrics
 from bot.core.types import RateState
-from bot.settings import Rate
+from bot.settings import Rate, Settings
 
 __all__ = ["LocalLimiter", "Policy", "RateState", "SharedLimiter"]
 
@@ -38,6 +38,11 @@ class Policy:
     rate: Rate
     burst: int
     name: str = "user"  # the policy's name in the RateLimit headers
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        """The per-user policy (`BOT_RATE_LIMIT`, `BOT_RATE_BURST`)."""
+        return cls(settings.rate_limit, settings.rate_burst)
 
     @property
     def interval_us(self) -> int:
@@ -101,6 +106,14 @@ class SharedLimiter:
         self.local = LocalLimiter(policy.scaled(replicas), max_users=10_000)
         self._namespace = namespace
         self._script = redis.register_script(files("bot").joinpath("gcra.lua").read_text())
+
+    @classmethod
+    def for_api_keys(cls, settings: Settings, redis: Redis) -> SharedLimiter | None:
+        """The per-API-key limiter (`BOT_KEY_RATE_*`); None when no keys or no limit is set."""
+        if not settings.api_keys or settings.key_rate_limit is None:
+            return None
+        policy = Policy(settings.key_rate_limit, settings.key_rate_burst, "key")
+        return cls(redis, policy, settings.replicas, "apikey")
 
     async def check(self, name: str) -> RateState:
         """Take one token from bucket `name`; `retry_after_s > 0` means limited."""

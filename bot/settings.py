@@ -182,6 +182,12 @@ class Settings:
         return self.alertmanager_port + 1
 
     @property
+    def lease_ms(self) -> int:
+        """How long a claim on a message holds before another request may answer it: two
+        upstream calls (the asker's, and a cache takeover's) and a margin to store it."""
+        return int((2 * self.upstream_timeout + 5) * 1000)
+
+    @property
     def api_access(self) -> str:
         """Who ``/v1/*`` answers, in words: the replica logs it, `make up` prints it."""
         if self.api_keys:

@@ -36,6 +36,7 @@ from bot.core.types import Admission, Context, OutcomeKind, RateState, Record
 from bot.errors import BadRequest, Unavailable
 from bot.logging import get_logger
 from bot.ratelimit import Policy
+from bot.settings import Settings
 
 log = get_logger(__name__)
 
@@ -213,6 +214,16 @@ class Store:
         self._finish = redis.register_script(files("bot").joinpath("finish.lua").read_text())
         self._prefs_set = redis.register_script(_PREFS_SET)
         self._release = redis.register_script(_RELEASE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, redis: Redis) -> Store:
+        """The per-user policy, the claim lease and how long records are kept."""
+        return cls(
+            redis,
+            Policy.from_settings(settings),
+            lease_ms=settings.lease_ms,
+            record_ttl=settings.idempotency_ttl,
+        )
 
     async def admit(
         self,

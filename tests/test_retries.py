@@ -27,7 +27,6 @@ from redis.exceptions import RedisError
 
 from bot import metrics
 from bot.answers import Answer
-from bot.app import make_redis
 from bot.core.types import Job
 from bot.errors import Unavailable, UpstreamUnavailable
 from bot.inbox import APOLOGY, Inbox
@@ -39,6 +38,7 @@ from bot.retries.outbox import Outbox, Relay
 from bot.retries.publisher import RetryQueue
 from bot.retries.topology import Topology, delete
 from bot.retries.worker import Worker
+from bot.runtime import make_redis
 from bot.settings import Settings
 from tests.support import AMQP_URL, PrivateRedis, free_port, unique
 
@@ -441,7 +441,7 @@ async def test_redis_outage_delays_jobs_and_dead_letters_none(
     private = PrivateRedis(tmp_path / "redis")
     private.start()
     settings = replace(settings, redis_url=private.url, retry_prefetch=8)
-    client = make_redis(settings)
+    client = make_redis(settings.redis_url)
     inbox, upstream, user = Inbox(client), Answers(), unique("u")
     jobs = [Job(f"o-{i}", user, f"during the outage {i}?", []) for i in range(20)]
     dead_before = {r: dead_letter_count(r) for r in metrics.DEAD_REASONS}
@@ -522,7 +522,7 @@ async def test_full_redis_holds_jobs_without_spinning_and_loses_none(
     # A backlog several times the prefetch: a worker that resumed at once after each failure
     # would take every one of them round again and again.
     settings = replace(settings, redis_url=private.url, retry_prefetch=2)
-    client = make_redis(settings)
+    client = make_redis(settings.redis_url)
     inbox, upstream, user = Inbox(client), Answers(), unique("u")
     jobs = [Job(f"f-{i}", user, f"while Redis is full {i}?", []) for i in range(10)]
     try:

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from bot import runtime
 from bot.answers import Answer
+from bot.api import keys
+from bot.api.keys import REPLICA
 from bot.app import create_app
 from bot.core.service import BotService
 from bot.core.types import Job, Outcome, Reply
@@ -27,7 +34,7 @@ from bot.inbox import Inbox
 from bot.ratelimit import LocalLimiter, Policy
 from bot.settings import Rate, load_settings
 from bot.store import MAX_PREFS, Store, TooManyPrefs
-from tests.support import unique
+from tests.support import free_port, unique
 
 BOT = Path(__file__).resolve().parents[1] / "bot"
 
@@ -181,3 +188,55 @@ async def test_redis_down_is_a_503_json_with_retry_after_on_every_route(
     assert resp.status == 503, await resp.text()
     assert (await resp.json())["error"]["code"] == "unavailable"
     assert resp.headers["Retry-After"] == "5"
+
+
+# --- typed state, components built complete, process plumbing once (items 2 and 5) ---------
+
+
+def test_the_app_shares_no_untyped_state() -> None:
+    app_keys = [v for v in vars(keys).values() if isinstance(v, web.AppKey)]
+    assert app_keys
+    loose = [k for k in app_keys if k._t in (dict, list, object)]
+    assert not loose, loose
+
+
+def test_derived_values_come_from_the_settings_once() -> None:
+    settings = load_settings({"BOT_DOTENV": "/dev/null", "BOT_UPSTREAM_TIMEOUT": "3"})
+    store = Store.from_settings(settings, Redis())
+    service = BotService.from_settings(settings, store, _Upstream(), deferrer=None, inbox=None)
+    assert store.lease_ms == settings.lease_ms == 11_000
+    assert service.wait_timeout == settings.lease_ms / 1000 + 1
+    assert store.record_ttl == settings.idempotency_ttl
+
+
+async def test_a_started_replica_has_its_service_built_complete(redis_url: str) -> None:
+    settings = load_settings(
+        {"BOT_DOTENV": "/dev/null", "REDIS_URL": redis_url, "AMQP_URL": "amqp://u:p@127.0.0.1:1/"}
+    )
+    app = create_app(settings)
+    async with TestClient(TestServer(app)) as client:
+        replica = app[REPLICA]
+        assert replica.service.inbox is replica.inbox
+        assert replica.service.deferrer is not None
+        assert replica.service.store is replica.store
+        assert (await client.get("/readyz")).status == 200
+
+
+def test_the_worker_does_not_import_the_http_app() -> None:
+    probe = "import sys, bot.serve_worker; print(sorted(m[:7] for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.strip().strip("[]").replace("'", "").split(", "))
+    assert "bot.run" in loaded  # the shared process plumbing...
+    assert not {"bot.app", "bot.api"} & loaded  # ... but none of the HTTP app
+
+
+async def test_the_metrics_server_serves_and_stops() -> None:
+    port = free_port()
+    async with aiohttp.ClientSession() as http:
+        async with (
+            runtime.metrics_server("127.0.0.1", port),
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            assert resp.status == 200 and "bot_http_requests" in await resp.text()
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.get(f"http://127.0.0.1:{port}/metrics")

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bot import metrics
-from bot.api.keys import SERVICE
+from bot.api.keys import REPLICA
 from bot.api.middleware import REQUEST_ID, authorize_user, require_json
 from bot.api.render import json_response
 from bot.core.types import OutcomeKind
@@ -52,7 +52,7 @@ async def post_message(request: web.Request) -> web.Response:
     except (BadRequest, Forbidden):
         metrics.MESSAGES.labels(outcome="rejected").inc()
         raise
-    service = request.app[SERVICE]
+    service = request.app[REPLICA].service
     outcome = await service.handle(msg)
     headers: dict[str, str] = {}
     if outcome.rate is not None:

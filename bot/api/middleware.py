@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.api.keys import KEY_LIMITER, STATE
+from bot.api.keys import MESSAGES_ROUTE, REPLICA, STATE
 from bot.api.render import error_response
 from bot.api.replies import is_long_poll
 from bot.errors import (
@@ -117,16 +117,16 @@ def shed(max_inflight: int) -> Middleware:
         if _never_shed(request):
             return await handler(request)
         state = request.app[STATE]
-        if state["inflight"] >= max_inflight:
-            if request.path == "/v1/messages":
+        if state.inflight >= max_inflight:
+            if _route(request) == MESSAGES_ROUTE:
                 metrics.MESSAGES.labels(outcome="shed").inc()
             raise Overloaded("this replica is busy; try again", 1)
-        state["inflight"] += 1
+        state.inflight += 1
         metrics.INFLIGHT.inc()
         try:
             return await handler(request)
         finally:
-            state["inflight"] -= 1
+            state.inflight -= 1
             metrics.INFLIGHT.dec()
 
     return middleware
@@ -199,12 +199,12 @@ def authorize_user(request: web.Request, user_id: str) -> None:
 
 async def _take_key_token(request: web.Request, key: ApiKey) -> None:
     """The per-key (per-integration) limit: rotating user_ids does not get around it."""
-    limiter = request.app.get(KEY_LIMITER)
+    limiter = request.app[REPLICA].key_limiter
     if limiter is None:
         return
     state = await limiter.check(key.ident)
     if state.retry_after_s > 0:
-        if request.path == "/v1/messages":
+        if _route(request) == MESSAGES_ROUTE:
             metrics.MESSAGES.labels(outcome="rate_limited").inc()
         raise RateLimited(
             "this API key sends too fast; slow down",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bot.api.keys import STORE
+from bot.api.keys import REPLICA
 from bot.api.messages import read_json
 from bot.api.render import json_response
 from bot.core.validation import check_id, check_pref_key, check_pref_value
@@ -20,7 +20,7 @@ def _user(request: web.Request) -> str:
 
 
 async def get_prefs(request: web.Request) -> web.Response:
-    prefs = await request.app[STORE].prefs(_user(request))
+    prefs = await request.app[REPLICA].store.prefs(_user(request))
     return json_response({"prefs": prefs})
 
 
@@ -36,18 +36,18 @@ async def put_prefs(request: web.Request) -> web.Response:
     if len(values) > MAX_PREFS:  # before checking each of them
         raise TooManyPrefs()
     clean = {check_pref_key(k): check_pref_value(v) for k, v in values.items()}
-    prefs = await request.app[STORE].set_prefs(user, clean)
+    prefs = await request.app[REPLICA].store.set_prefs(user, clean)
     return json_response({"prefs": prefs})
 
 
 async def delete_prefs(request: web.Request) -> web.Response:
-    await request.app[STORE].del_prefs(_user(request))
+    await request.app[REPLICA].store.del_prefs(_user(request))
     return web.Response(status=204)
 
 
 async def delete_pref(request: web.Request) -> web.Response:
     user = _user(request)
-    await request.app[STORE].del_prefs(user, check_pref_key(request.match_info["key"]))
+    await request.app[REPLICA].store.del_prefs(user, check_pref_key(request.match_info["key"]))
     return web.Response(status=204)
 
 

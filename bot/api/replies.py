@@ -10,11 +10,11 @@ from contextlib import nullcontext
 
 from aiohttp import web
 
-from bot.api.keys import LONGPOLLS, SERVICE, STATE
+from bot.api.keys import REPLICA, STATE
 from bot.api.render import json_response
 from bot.core.types import Reply
 from bot.core.validation import check_id
-from bot.errors import BadRequest, Unavailable
+from bot.errors import BadRequest
 from bot.inbox import MAX_WAIT, PAGE, valid_cursor
 
 ROUTE = "/v1/users/{user_id}/replies"
@@ -67,14 +67,10 @@ async def get_replies(request: web.Request) -> web.Response:
     after = _after(request.query.get("after"))
     wait = _wait(request.query.get("wait"))
     limit = _limit(request.query.get("limit"))
-    inbox = request.app[SERVICE].inbox
-    if inbox is None:
-        raise Unavailable("deferred replies are unavailable right now", 5)
-    state = request.app[STATE]
-    slot = request.app[LONGPOLLS].slot(user) if wait > 0 else nullcontext()
-    with slot:
-        replies, cursor = await inbox.page(
-            user, after, wait=wait, limit=limit, stop=lambda: bool(state["draining"])
+    replica, state = request.app[REPLICA], request.app[STATE]
+    with replica.longpolls.slot(user) if wait > 0 else nullcontext():
+        replies, cursor = await replica.inbox.page(
+            user, after, wait=wait, limit=limit, stop=lambda: state.draining
         )
     return json_response({"replies": [_rendered(r) for r in replies], "next": cursor})
 

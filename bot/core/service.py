@@ -29,6 +29,7 @@ from bot.errors import BadRequest, RateLimited, Unavailable, UpstreamUnavailable
 from bot.inbox import Inbox
 from bot.logging import get_logger
 from bot.ratelimit import LocalLimiter, Policy
+from bot.settings import Settings
 from bot.store import CONTEXT_TEXT_MAX, StorageFull, Store
 from bot.upstream import Answerer
 
@@ -79,6 +80,29 @@ class BotService:
             # Its single-flight locks name this process too, so a waiter on another replica
             # takes over the lock of a question whose asker died, as it does the claim.
             answerer.heartbeat = store.heartbeat
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        store: Store,
+        answerer: Answerer,
+        *,
+        deferrer: Deferrer | None,
+        inbox: Inbox | None,
+    ) -> BotService:
+        """A replica's service: its store's policy, shared among the replicas when Redis is
+        away, and a duplicate waits as long as the claim it waits on can hold."""
+        return cls(
+            store,
+            answerer,
+            store.policy,
+            LocalLimiter(store.policy.scaled(settings.replicas)),
+            deferrer=deferrer,
+            inbox=inbox,
+            wait_timeout=store.lease_ms / 1000 + 1,
+            limit=settings.rate_limit_enabled,
+        )
 
     async def handle(self, msg: Message) -> Outcome:
         """Answer `msg`, or replay the answer it already had."""
