@@ -82,18 +82,6 @@ BUILDERS: list[ProgramBuilder] = []
 
 # The user every unprivileged program runs as when `make up` runs as root.
 RUN_USER = "botstack"
-# A Redis the runner starts itself is bounded; past it, writes fail (the replicas answer 503)
-# and nothing stored is evicted: prefs, idempotency records and the outbox must survive.
-DEFAULT_REDIS_MAXMEMORY = "256mb"
-_REDIS_MEMORY_RE = re.compile(r"[1-9][0-9]{0,12}(kb|mb|gb)?", re.IGNORECASE)
-
-
-def redis_maxmemory(env: dict[str, str]) -> str:
-    """`BOT_REDIS_MAXMEMORY` (Redis's units: 512mb, 2gb), or the default."""
-    value = env.get("BOT_REDIS_MAXMEMORY", "").strip() or DEFAULT_REDIS_MAXMEMORY
-    if not _REDIS_MEMORY_RE.fullmatch(value):
-        raise SettingsError("BOT_REDIS_MAXMEMORY", value, "must be a size such as 256mb or 2gb")
-    return value.lower()
 
 
 def builder(fn: ProgramBuilder) -> ProgramBuilder:
@@ -242,7 +230,7 @@ def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list
                 "redis",
                 f"{shutil.which('redis-server') or 'redis-server'} --port {redis.port or 6379} "
                 f"--bind 127.0.0.1 --appendonly yes --appendfsync everysec --dir {data} "
-                f"--save '' --maxmemory {redis_maxmemory(env)} --maxmemory-policy noeviction",
+                f"--save '' --maxmemory {settings.redis_maxmemory} --maxmemory-policy noeviction",
                 redis.port or 6379,
                 priority=10,
                 writable=(data,),

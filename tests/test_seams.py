@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from bot.core.validation import parse_message
 from bot.errors import BadRequest, UpstreamUnavailable
 from bot.inbox import Inbox
 from bot.ratelimit import LocalLimiter, Policy
-from bot.settings import Rate, load_settings
+from bot.settings import ENV_VARS, Rate, SettingsError, load_settings
 from bot.store import MAX_PREFS, Store, TooManyPrefs
 from tests.support import free_port, unique
 
@@ -240,3 +241,48 @@ async def test_the_metrics_server_serves_and_stops() -> None:
             assert resp.status == 200 and "bot_http_requests" in await resp.text()
         with pytest.raises(aiohttp.ClientConnectionError):
             await http.get(f"http://127.0.0.1:{port}/metrics")
+
+
+# --- one settings table, in the code and in the README (item 8) ----------------------------
+
+
+def test_the_readme_lists_exactly_the_settings_the_code_reads() -> None:
+    readme = (BOT.parent / "README.md").read_text()
+    section = readme[readme.index("## Settings\n") : readme.index("## The HTTP API")]
+    listed = re.findall(r"^\| `([A-Z_]+)` \|", section, re.MULTILINE)
+    assert len(listed) == len(set(listed)), "a setting is listed twice"
+    assert set(listed) == set(ENV_VARS)
+
+
+def test_the_contracts_adopted_settings_are_in_the_code_table() -> None:
+    adopted = {
+        "BOT_MAX_INFLIGHT",
+        "BOT_EDGE_RATE",
+        "BOT_EDGE_BURST",
+        "BOT_EDGE_CONN",
+        "BOT_QUEUE_PREFIX",
+        "BOT_CACHE_STALE_TTL",
+        "UPSTREAM_KIND",
+        "UPSTREAM_MODEL",
+        "UPSTREAM_API_KEY",
+        "BOT_OBSERVABILITY",
+        "BOT_OPEN_API",
+        "BOT_TRUSTED_PROXIES",
+        "BOT_KEY_RATE_LIMIT",
+        "BOT_KEY_RATE_BURST",
+        "BOT_LONGPOLL_MAX",
+        "BOT_LONGPOLL_PER_USER",
+        "BOT_REDIS_MAXMEMORY",
+    }
+    assert adopted <= set(ENV_VARS), adopted - set(ENV_VARS)
+    assert {v for v in ENV_VARS if v.startswith("BOT_BREAKER_")}  # BOT_BREAKER_*
+
+
+def test_a_bad_redis_maxmemory_stops_with_one_line_naming_it() -> None:
+    assert load_settings({"BOT_DOTENV": "/dev/null"}).redis_maxmemory == "256mb"
+    assert (
+        load_settings({"BOT_DOTENV": "/dev/null", "BOT_REDIS_MAXMEMORY": "2GB"}).redis_maxmemory
+        == "2gb"
+    )
+    with pytest.raises(SettingsError, match="BOT_REDIS_MAXMEMORY"):
+        load_settings({"BOT_DOTENV": "/dev/null", "BOT_REDIS_MAXMEMORY": "lots"})
