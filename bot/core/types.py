@@ -15,6 +15,7 @@ from typing import Any, Literal
 __all__ = [
     "Admission",
     "AdmissionKind",
+    "CacheResult",
     "Context",
     "Job",
     "Outcome",
@@ -35,6 +36,9 @@ OutcomeKind = Literal["replied", "queued"]
 AdmissionKind = Literal["ok", "stored", "done", "pending", "limited"]
 # A deferred reply: the answer, or the apology sent when every attempt failed.
 ReplyKind = Literal["answer", "apology"]
+# Where an upstream answer came from (the `X-Cache` header): the cache, a call made for it, or
+# a stale copy served because the upstream failed.
+CacheResult = Literal["HIT", "MISS", "STALE"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,7 @@ class Outcome:
     body: dict[str, Any]
     replayed: bool = False
     rate: RateState | None = None
-    cache: str | None = None  # HIT | MISS | STALE when the upstream was asked
+    cache: CacheResult | None = None  # when the upstream was asked
 
 
 @dataclass(slots=True)
