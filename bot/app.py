@@ -81,7 +81,7 @@ async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
     it dies mid-answer others take over at once.
     """
     settings, redis, http = app[SETTINGS], app[REDIS], app[HTTP]
-    broker = Broker(settings, f"bot-replica-{settings.queue_prefix}")
+    broker = Broker.from_settings(settings, f"bot-replica-{settings.queue_prefix}")
     outbox = Outbox(redis, settings.queue_prefix)
     inbox = Inbox(redis)
     store = Store.from_settings(settings, redis)
@@ -89,7 +89,7 @@ async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
         settings,
         store,
         build_answerer(settings, redis, http),
-        deferrer=RetryQueue(settings, broker, outbox, redis),
+        deferrer=RetryQueue.from_settings(settings, broker, outbox, redis),
         inbox=inbox,
     )
 

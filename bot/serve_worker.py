@@ -29,9 +29,10 @@ async def _run(settings: Settings, host: str, metrics_port: int) -> None:
         runtime.http_client(limit=100) as session,
         runtime.metrics_server(host, metrics_port),
     ):
-        broker = Broker(settings, "bot-worker", prefetch=settings.retry_prefetch)
+        broker = Broker.from_settings(settings, "bot-worker", prefetch=settings.retry_prefetch)
         outbox = Outbox(redis, settings.queue_prefix)
-        worker = Worker(settings, broker, Inbox(redis), build_answerer(settings, redis, session))
+        answerer = build_answerer(settings, redis, session)
+        worker = Worker.from_settings(settings, broker, Inbox(redis), answerer)
         await broker.start()
         background = [
             asyncio.create_task(Relay(outbox, broker).run()),
