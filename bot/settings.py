@@ -186,6 +186,25 @@ class Settings:
         """The local alert sink (Alertmanager's webhook receiver): beside Alertmanager."""
         return self.alertmanager_port + 1
 
+    # The ports beside the replicas' metrics ports (BOT_REPLICAS <= 64 stays below them):
+    # NGINX's loopback-only stub_status and the exporters Prometheus scrapes.
+    @property
+    def nginx_exporter_port(self) -> int:
+        return self.metrics_port_base + 95
+
+    @property
+    def redis_exporter_port(self) -> int:
+        return self.metrics_port_base + 96
+
+    @property
+    def mtail_port(self) -> int:
+        """mtail reading NGINX's access log (responses by status and upstream)."""
+        return self.metrics_port_base + 97
+
+    @property
+    def nginx_status_port(self) -> int:
+        return self.metrics_port_base + 98
+
     @property
     def lease_ms(self) -> int:
         """How long a claim on a message holds before another request may answer it: two

@@ -93,11 +93,6 @@ def bot_command(*args: str) -> str:
     return " ".join([str(VENV_BIN / "bot"), *args])
 
 
-def nginx_status_port(settings: Settings) -> int:
-    """Loopback-only port of NGINX's stub_status: beside the replicas' metrics ports."""
-    return settings.metrics_port_base + 98
-
-
 def render_template(text: str, values: dict[str, object]) -> str:
     """Fill ``{{name}}`` placeholders; an unknown or missing one is an error."""
 
@@ -137,7 +132,7 @@ def render_nginx(
             "upstream_servers": servers,
             "public_host": "0.0.0.0",
             "public_port": settings.public_port,
-            "status_port": nginx_status_port(settings),
+            "status_port": settings.nginx_status_port,
             "addr_rate": settings.edge_rate,
             "addr_burst": settings.edge_burst,
             "addr_conn": settings.edge_conn,
