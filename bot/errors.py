@@ -119,6 +119,15 @@ class Unavailable(_RetryLater):
     code = "unavailable"
 
 
+class Busy(Unavailable):
+    """The same message is being answered by another request: its answer will be the one."""
+
+    code = "busy"
+
+    def __init__(self) -> None:
+        super().__init__("the same message is still being processed", 1)
+
+
 class StorageUnavailable(Unavailable):
     """Redis did not answer: what any `RedisError` that reaches a caller becomes (503)."""
 

@@ -25,7 +25,7 @@ from bot.cache import CachedAnswerer
 from bot.core import commands
 from bot.core.types import Admission, Context, Job, Outcome, Record
 from bot.core.validation import Message, check_pref_key, check_pref_value
-from bot.errors import BadRequest, RateLimited, Unavailable, UpstreamUnavailable
+from bot.errors import BadRequest, Busy, RateLimited, Unavailable, UpstreamUnavailable
 from bot.inbox import Inbox
 from bot.logging import get_logger
 from bot.ratelimit import LocalLimiter, Policy
@@ -123,7 +123,7 @@ class BotService:
     async def _join(self, flight: asyncio.Future[Outcome]) -> Outcome:
         """A duplicate of a message this replica is handling: its answer, at no cost."""
         if self._waiting >= self.max_waiting:
-            raise Unavailable("the same message is still being processed", 1, code="busy")
+            raise Busy()
         self._waiting += 1
         try:
             outcome = await asyncio.shield(flight)
@@ -149,7 +149,7 @@ class BotService:
             # holds the claim: wait for its record, polling with a backoff; if its holder's
             # heartbeat is gone (it died mid-answer), take the claim over at once.
             if time.monotonic() >= deadline:
-                raise Unavailable("the same message is still being processed", 1, code="busy")
+                raise Busy()
             take_over = adm.token if await self.store.heartbeat.gone(adm.token) else ""
             if not take_over:
                 await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
