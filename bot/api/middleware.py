@@ -132,7 +132,9 @@ def shed(max_inflight: int) -> Middleware:
     return middleware
 
 
-def authenticate(settings: Settings) -> Middleware:
+def authenticate(
+    api_keys: tuple[ApiKey, ...], trusted_proxies: tuple[IpNetwork, ...], *, open_api: bool
+) -> Middleware:
     """Who may use ``/v1/*``: a key of `BOT_API_KEYS` (then its rate limit), else loopback.
 
     With keys set, every ``/v1/*`` route needs ``Authorization: Bearer <key>``, compared in
@@ -141,9 +143,8 @@ def authenticate(settings: Settings) -> Middleware:
     clients are served unless `BOT_OPEN_API` is set (secure by default, as Redis's
     protected mode is).
     """
-    keys = tuple((k.digest, k) for k in settings.api_keys)
-    guard = ClientGuard(settings.trusted_proxies)
-    open_api = settings.open_api
+    keys = tuple((k.digest, k) for k in api_keys)
+    guard = ClientGuard(trusted_proxies)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -252,7 +253,11 @@ def _address(text: str | None) -> IpAddress | None:
 
 def build(settings: Settings) -> list[Middleware]:
     """The replica's middlewares, configured once from the settings."""
-    return [observe, shed(settings.max_inflight), authenticate(settings)]
+    return [
+        observe,
+        shed(settings.max_inflight),
+        authenticate(settings.api_keys, settings.trusted_proxies, open_api=settings.open_api),
+    ]
 
 
 def require_json(request: web.Request) -> None:
