@@ -53,6 +53,14 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def start_draining(app: web.Application) -> int:
+    """Mark the replica draining (/readyz answers 503, long polls return); the requests in
+    flight, which the server then lets finish."""
+    state = app[STATE]
+    state.draining = True
+    return state.inflight
+
+
 async def clients_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Redis client and the HTTP session, for the life of the app."""
     settings = app[SETTINGS]

@@ -6,8 +6,7 @@ import uvloop
 from aiohttp import web
 
 from bot import runtime
-from bot.api.keys import STATE
-from bot.app import create_app
+from bot.app import create_app, start_draining
 from bot.logging import get_logger
 from bot.settings import Settings
 
@@ -34,9 +33,7 @@ async def _serve(settings: Settings, host: str, port: int, metrics_port: int) ->
         await runtime.stop_event().wait()
         # Drain: not ready any more, stop accepting, let in-flight requests finish, close
         # clients.
-        state = app[STATE]
-        log.info("replica_draining", inflight=state.inflight)
-        state.draining = True
+        log.info("replica_draining", inflight=start_draining(app))
         await runner.cleanup()
     log.info("replica_stopped")
 
