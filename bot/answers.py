@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bot.core.types import CacheResult
+
 __all__ = ["MAX_REPLY_CHARS", "Answer", "Answerer", "bounded"]
 
 # The longest reply the bot gives (and stores for replays, in the cache and in inboxes).
@@ -27,7 +29,7 @@ class Answer:
     """An upstream answer and where it came from (the `X-Cache` header)."""
 
     text: str
-    cache: str = "MISS"  # HIT | MISS | STALE
+    cache: CacheResult = "MISS"
 
     @property
     def cached(self) -> bool:

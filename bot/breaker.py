@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from bot import metrics
 from bot.answers import Answer, Answerer
@@ -29,8 +29,11 @@ from bot.settings import Settings
 
 log = get_logger(__name__)
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
-_GAUGE = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+State = Literal["closed", "open", "half_open"]
+CLOSED: State = "closed"
+OPEN: State = "open"
+HALF_OPEN: State = "half_open"
+_GAUGE: dict[State, int] = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
 _MAX_RETRY_AFTER = 3600.0
 
 
@@ -82,7 +85,7 @@ class CircuitBreaker:
         )
 
     @property
-    def state(self) -> str:
+    def state(self) -> State:
         """closed | open | half_open (an open circuit turns half-open once its time is up)."""
         if self._state == OPEN and self.clock() >= self._open_until:
             self._set(HALF_OPEN)
@@ -176,7 +179,7 @@ class CircuitBreaker:
         self._reset_window()
         self._set(OPEN)
 
-    def _set(self, state: str) -> None:
+    def _set(self, state: State) -> None:
         if state != self._state:
             if state != OPEN:
                 log.info("circuit_" + state, previous=self._state)

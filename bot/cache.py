@@ -31,7 +31,7 @@ import hashlib
 import time
 import uuid
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import orjson
 from redis.asyncio import Redis
@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 
 from bot import metrics
 from bot.answers import Answer, Answerer
+from bot.core.types import CacheResult
 from bot.errors import UpstreamUnavailable
 from bot.logging import get_logger
 
@@ -91,7 +92,7 @@ class CachedAnswerer:
         self._flights: dict[str, asyncio.Task[Answer]] = {}
         self._lookups = {
             cache: metrics.CACHE_LOOKUPS.labels(result=cache.lower())
-            for cache in ("HIT", "MISS", "STALE")
+            for cache in get_args(CacheResult)
         }
 
     async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:

@@ -6,6 +6,9 @@ one middleware (`bot.api.middleware`). Nothing here imports aiohttp.
 
 from __future__ import annotations
 
+# The largest request body the API reads (contract.md); NGINX refuses larger ones first.
+MAX_BODY = 64 * 1024
+
 
 class BotError(Exception):
     """Base: an error with a stable machine code, a human message and an HTTP status."""
@@ -72,6 +75,9 @@ class PayloadTooLarge(BotError):
     status = 413
     code = "payload_too_large"
 
+    def __init__(self) -> None:
+        super().__init__(f"request body is larger than {MAX_BODY // 1024} KiB")
+
 
 class UnsupportedMediaType(BotError):
     status = 415
@@ -118,6 +124,22 @@ class Unavailable(_RetryLater):
 
     status = 503
     code = "unavailable"
+
+
+class Busy(Unavailable):
+    """The same message is being answered by another request: its answer will be the one."""
+
+    code = "busy"
+
+    def __init__(self) -> None:
+        super().__init__("the same message is still being processed", 1)
+
+
+class StorageUnavailable(Unavailable):
+    """Redis did not answer: what any `RedisError` that reaches a caller becomes (503)."""
+
+    def __init__(self) -> None:
+        super().__init__("storage is unavailable right now; try again", 5)
 
 
 class UpstreamUnavailable(Exception):

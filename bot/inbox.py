@@ -13,7 +13,6 @@ import contextlib
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any
@@ -21,8 +20,11 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from bot.core.types import Reply, ReplyKind
 from bot.inbox_watch import InboxWatch
 from bot.store import user_key
+
+__all__ = ["APOLOGY", "MAX_WAIT", "PAGE", "Inbox", "Reply", "valid_cursor"]
 
 INBOX_TTL = 7 * 86400  # undelivered replies are kept a week after the last one arrived
 MAX_ENTRIES = 1000
@@ -51,18 +53,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    message_id: str
-    reply: str
-    at: str
-    kind: str  # answer | apology
-    cursor: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {"message_id": self.message_id, "reply": self.reply, "at": self.at}
-
-
 class Inbox:
     """Per-user deferred replies in Redis."""
 
@@ -76,7 +66,7 @@ class Inbox:
         return [user_key(user_id, "inbox"), user_key(user_id, "inbox:ids")]
 
     async def deliver(
-        self, user_id: str, message_id: str, reply: str, kind: str = "answer"
+        self, user_id: str, message_id: str, reply: str, kind: ReplyKind = "answer"
     ) -> bool:
         """Store a reply; False when this message id already has it (nothing stored)."""
         res = await self._deliver(
@@ -85,17 +75,19 @@ class Inbox:
         )
         return bool(res)
 
-    async def delivered(self, user_id: str, message_id: str) -> dict[str, Any] | None:
-        """What was delivered for a message: ``{"k": kind, "r": reply, "at", "id"}`` or None."""
+    async def delivered(self, user_id: str, message_id: str) -> Reply | None:
+        """The reply delivered for a message (the answer, once there is one), or None."""
         raw = await self.redis.hget(self._keys(user_id)[1], message_id)
         if raw is None:
             return None
-        result: dict[str, Any] = orjson.loads(raw)
-        return result
+        # Kept by inbox.lua as {"k": kind, "r": reply, "at": time, "id": stream entry id}.
+        seen = orjson.loads(raw)
+        return Reply(message_id, seen["r"], seen["at"], seen["k"], seen["id"])
 
     async def answered(self, user_id: str, message_id: str) -> bool:
+        """Whether the message's answer (not only an apology) was delivered."""
         seen = await self.delivered(user_id, message_id)
-        return seen is not None and seen["k"] == "answer"
+        return seen is not None and seen.kind == "answer"
 
     async def page(
         self,

@@ -21,7 +21,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.settings import Rate
+from bot.core.types import RateState
+from bot.settings import Rate, Settings
+
+__all__ = ["LocalLimiter", "Policy", "RateState", "SharedLimiter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,11 @@ class Policy:
     rate: Rate
     burst: int
     name: str = "user"  # the policy's name in the RateLimit headers
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        """The per-user policy (`BOT_RATE_LIMIT`, `BOT_RATE_BURST`)."""
+        return cls(settings.rate_limit, settings.rate_burst)
 
     @property
     def interval_us(self) -> int:
@@ -56,20 +64,11 @@ class Policy:
         rate = Rate(max(1, self.rate.count // share), self.rate.period)
         return Policy(rate, max(0, self.capacity // share - 1), self.name)
 
-
-@dataclass(frozen=True, slots=True)
-class RateState:
-    """What one limiter decision tells the client."""
-
-    remaining: int
-    reset_s: float
-    retry_after_s: float = 0.0
-
-    def headers(self, policy: Policy) -> dict[str, str]:
-        """IETF draft-ietf-httpapi-ratelimit-headers (structured fields form)."""
+    def headers(self, state: RateState) -> dict[str, str]:
+        """IETF draft-ietf-httpapi-ratelimit-headers (structured fields form) for `state`."""
         return {
-            "RateLimit-Policy": f'"{policy.name}";q={policy.capacity};w={policy.window}',
-            "RateLimit": f'"{policy.name}";r={max(0, self.remaining)};t={math.ceil(self.reset_s)}',
+            "RateLimit-Policy": f'"{self.name}";q={self.capacity};w={self.window}',
+            "RateLimit": f'"{self.name}";r={max(0, state.remaining)};t={math.ceil(state.reset_s)}',
         }
 
 
@@ -107,6 +106,14 @@ class SharedLimiter:
         self.local = LocalLimiter(policy.scaled(replicas), max_users=10_000)
         self._namespace = namespace
         self._script = redis.register_script(files("bot").joinpath("gcra.lua").read_text())
+
+    @classmethod
+    def for_api_keys(cls, settings: Settings, redis: Redis) -> SharedLimiter | None:
+        """The per-API-key limiter (`BOT_KEY_RATE_*`); None when no keys or no limit is set."""
+        if not settings.api_keys or settings.key_rate_limit is None:
+            return None
+        policy = Policy(settings.key_rate_limit, settings.key_rate_burst, "key")
+        return cls(redis, policy, settings.replicas, "apikey")
 
     async def check(self, name: str) -> RateState:
         """Take one token from bucket `name`; `retry_after_s > 0` means limited."""

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-
 import uvloop
 from aiohttp import web
 
-from bot.api.keys import STATE
-from bot.app import create_app, create_metrics_app
+from bot import runtime
+from bot.app import create_app, start_draining
 from bot.logging import get_logger
 from bot.settings import Settings
 
@@ -29,24 +26,15 @@ async def _serve(settings: Settings, host: str, port: int, metrics_port: int) ->
         max_line_size=16384,
         max_field_size=16384,
     )
-    metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)
     await runner.setup()
-    await metrics_runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024, reuse_address=True).start()
-    await web.TCPSite(metrics_runner, host, metrics_port, reuse_address=True).start()
-    log.info("replica_started", port=port, metrics_port=metrics_port)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-    # Drain: not ready any more, stop accepting, let in-flight requests finish, close clients.
-    log.info("replica_draining", inflight=app[STATE]["inflight"])
-    app[STATE]["draining"] = True
-    await runner.cleanup()
-    await metrics_runner.cleanup()
+    async with runtime.metrics_server(host, metrics_port):
+        await web.TCPSite(runner, host, port, backlog=1024, reuse_address=True).start()
+        log.info("replica_started", port=port, metrics_port=metrics_port)
+        await runtime.stop_event().wait()
+        # Drain: not ready any more, stop accepting, let in-flight requests finish, close
+        # clients.
+        log.info("replica_draining", inflight=start_draining(app))
+        await runner.cleanup()
     log.info("replica_stopped")
 
 

@@ -21,6 +21,10 @@ _KEY_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 # A key's user_id prefix: the user_id alphabet (contract.md), never "=".
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A Redis the runner starts itself is bounded; past it, writes fail (the replicas answer 503)
+# and nothing stored is evicted: prefs, idempotency records and the outbox must survive.
+DEFAULT_REDIS_MAXMEMORY = "256mb"
+_REDIS_MEMORY_RE = re.compile(r"[1-9][0-9]{0,12}(kb|mb|gb)?", re.IGNORECASE)
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 
 
@@ -167,6 +171,7 @@ class Settings:
     edge_conn: int = 1024  # NGINX limit_conn per client address
     idempotency_ttl: int = 86400
     drain_timeout: float = 10.0
+    redis_maxmemory: str = DEFAULT_REDIS_MAXMEMORY  # of a Redis `make up` starts itself
 
     def replica_port(self, index: int) -> int:
         """Port of replica `index` (1-based)."""
@@ -180,6 +185,31 @@ class Settings:
     def alertsink_port(self) -> int:
         """The local alert sink (Alertmanager's webhook receiver): beside Alertmanager."""
         return self.alertmanager_port + 1
+
+    # The ports beside the replicas' metrics ports (BOT_REPLICAS <= 64 stays below them):
+    # NGINX's loopback-only stub_status and the exporters Prometheus scrapes.
+    @property
+    def nginx_exporter_port(self) -> int:
+        return self.metrics_port_base + 95
+
+    @property
+    def redis_exporter_port(self) -> int:
+        return self.metrics_port_base + 96
+
+    @property
+    def mtail_port(self) -> int:
+        """mtail reading NGINX's access log (responses by status and upstream)."""
+        return self.metrics_port_base + 97
+
+    @property
+    def nginx_status_port(self) -> int:
+        return self.metrics_port_base + 98
+
+    @property
+    def lease_ms(self) -> int:
+        """How long a claim on a message holds before another request may answer it: two
+        upstream calls (the asker's, and a cache takeover's) and a margin to store it."""
+        return int((2 * self.upstream_timeout + 5) * 1000)
 
     @property
     def api_access(self) -> str:
@@ -255,6 +285,13 @@ def _text(v: str) -> str:
     return v
 
 
+def _memory(v: str) -> str:
+    v = v.strip() or DEFAULT_REDIS_MAXMEMORY
+    if not _REDIS_MEMORY_RE.fullmatch(v):
+        raise ValueError("must be a size such as 256mb or 2gb")
+    return v.lower()
+
+
 def _queue_prefix(v: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
         raise ValueError("must be 1-64 chars of [A-Za-z0-9_.-]")
@@ -312,6 +349,7 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_EDGE_CONN": ("edge_conn", _int(1, 65535)),  # NGINX refuses more
     "BOT_IDEMPOTENCY_TTL": ("idempotency_ttl", _int(60, 30 * 86400)),
     "BOT_DRAIN_TIMEOUT": ("drain_timeout", _float(0, 300)),
+    "BOT_REDIS_MAXMEMORY": ("redis_maxmemory", _memory),
 }
 # Secrets may come from a file (Docker/Kubernetes secrets): NAME_FILE points at it.
 _FILE_VARS = ("BOT_API_KEYS", "UPSTREAM_API_KEY")

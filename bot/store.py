@@ -25,7 +25,6 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
@@ -33,9 +32,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
 
-from bot.errors import Unavailable
+from bot.core.types import Admission, Context, OutcomeKind, RateState, Record
+from bot.errors import BadRequest, Unavailable
 from bot.logging import get_logger
-from bot.ratelimit import Policy, RateState
+from bot.ratelimit import Policy
+from bot.settings import Settings
 
 log = get_logger(__name__)
 
@@ -66,8 +67,13 @@ return 0
 """
 
 
-class TooManyPrefs(Exception):
-    """Setting these preferences would exceed `MAX_PREFS` keys."""
+class TooManyPrefs(BadRequest):
+    """Setting these preferences would exceed `MAX_PREFS` keys (400, whoever asked)."""
+
+    code = "too_many_prefs"
+
+    def __init__(self) -> None:
+        super().__init__(f"at most {MAX_PREFS} preferences per user")
 
 
 class StorageFull(Unavailable):
@@ -174,16 +180,23 @@ def record_key(user_id: str, message_id: str) -> str:
     return f"bot:{{{user_id}}}:msg:{message_id}"
 
 
-@dataclass(slots=True)
-class Admission:
-    """The outcome of `Store.admit`."""
+# A record as kept in Redis: {"status": 200 | 202, "body": {...}}. The numbers are that stored
+# form's (the first versions wrote HTTP codes), kept so that replicas of different versions
+# read each other's records during a rolling deploy; nothing outside this module sees them.
+_STORED_STATUS: dict[OutcomeKind, int] = {"replied": 200, "queued": 202}
 
-    kind: str  # ok | stored | done | pending | limited
-    token: str = ""  # the claim taken (ok); the claim that holds the message (pending)
-    record: dict[str, Any] | None = None
-    rate: RateState | None = None
-    context: list[dict[str, Any]] = field(default_factory=list)
-    pending_ms: int = 0
+
+def encode_record(record: Record) -> bytes:
+    """A record in its stored form."""
+    return orjson.dumps({"status": _STORED_STATUS[record.kind], "body": record.body})
+
+
+def decode_record(raw: str | bytes) -> Record:
+    """Inverse of `encode_record`."""
+    data = orjson.loads(raw)
+    return Record(
+        "queued" if data["status"] == _STORED_STATUS["queued"] else "replied", data["body"]
+    )
 
 
 class Store:
@@ -202,6 +215,16 @@ class Store:
         self._prefs_set = redis.register_script(_PREFS_SET)
         self._release = redis.register_script(_RELEASE)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, redis: Redis) -> Store:
+        """The per-user policy, the claim lease and how long records are kept."""
+        return cls(
+            redis,
+            Policy.from_settings(settings),
+            lease_ms=settings.lease_ms,
+            record_ttl=settings.idempotency_ttl,
+        )
+
     async def admit(
         self,
         user_id: str,
@@ -209,7 +232,7 @@ class Store:
         *,
         want_context: bool,
         limit: bool = True,
-        answered: tuple[dict[str, Any], dict[str, Any]] | None = None,
+        answered: tuple[Record, dict[str, Any]] | None = None,
         take_over: str = "",
     ) -> Admission:
         """Look up, rate-limit and claim a message; fetch the context when asked.
@@ -224,7 +247,7 @@ class Store:
         if answered is not None:
             record, entry = answered
             finished = [
-                orjson.dumps(record),
+                encode_record(record),
                 self.record_ttl,
                 orjson.dumps(entry),
                 CONTEXT_SIZE,
@@ -251,7 +274,7 @@ class Store:
         kind = res[0]
         if kind == "done":
             rate = RateState(int(res[2]), int(res[3]) / 1e6) if limit else None
-            return Admission("done", record=orjson.loads(res[1]), rate=rate)
+            return Admission("done", record=decode_record(res[1]), rate=rate)
         if kind == "pending":
             return Admission("pending", token=res[2], pending_ms=int(res[1]))
         if kind == "limited":
@@ -267,9 +290,9 @@ class Store:
         self,
         user_id: str,
         message_id: str,
-        record: dict[str, Any],
+        record: Record,
         context_entry: dict[str, Any] | None,
-    ) -> dict[str, Any] | None:
+    ) -> Record | None:
         """Store the answer for replays and append the exchange to the context, atomically.
 
         First writer wins: returns None when stored, or the record another request stored
@@ -279,23 +302,20 @@ class Store:
             current = await self._finish(
                 keys=[record_key(user_id, message_id), user_key(user_id, "ctx")],
                 args=[
-                    orjson.dumps(record),
+                    encode_record(record),
                     self.record_ttl,
                     orjson.dumps(context_entry) if context_entry is not None else "",
                     CONTEXT_SIZE,
                     CONTEXT_TTL,
                 ],
             )
-        if not current:
-            return None
-        winner: dict[str, Any] = orjson.loads(current)
-        return winner
+        return decode_record(current) if current else None
 
     async def release(self, user_id: str, message_id: str, token: str) -> None:
         """Give up a claim (the message was not answered), so a retry can take it."""
         await self._release(keys=[record_key(user_id, message_id)], args=["P" + token])
 
-    async def context(self, user_id: str) -> list[dict[str, Any]]:
+    async def context(self, user_id: str) -> Context:
         """The user's recent exchanges, oldest first."""
         raw = await self.redis.lrange(user_key(user_id, "ctx"), 0, -1)
         return [orjson.loads(c) for c in reversed(raw)]
@@ -329,7 +349,7 @@ class Store:
                     keys=[user_key(user_id, "prefs")], args=[*args, MAX_PREFS, PREFS_TTL]
                 )
             if int(n) < 0:
-                raise TooManyPrefs(f"at most {MAX_PREFS} preferences per user")
+                raise TooManyPrefs()
         return await self.prefs(user_id)
 
     async def del_prefs(self, user_id: str, *keys: str) -> int:

@@ -26,7 +26,15 @@ from bot.cache import CachedAnswerer
 from bot.errors import UpstreamUnavailable
 from bot.settings import Settings
 
-__all__ = ["Answer", "Answerer", "OpenAIClient", "UpstreamClient", "build_answerer", "probe"]
+__all__ = [
+    "Answer",
+    "Answerer",
+    "OpenAIClient",
+    "UpstreamClient",
+    "build_answerer",
+    "make_client",
+    "probe",
+]
 
 _RETRY_AFTER_STATUSES = (429, 503)
 
@@ -50,10 +58,10 @@ def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
 class _HttpUpstream:
     """One HTTP call per answer, with the timeout, every outcome counted."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+    def __init__(self, session: aiohttp.ClientSession, url: str, timeout: float) -> None:
         self.session = session
-        self.base = settings.upstream_url.rstrip("/")
-        self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout)
+        self.base = url.rstrip("/")
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
         started = time.perf_counter()
@@ -112,13 +120,14 @@ def chat_messages(question: str, context: list[dict[str, Any]]) -> list[dict[str
 class OpenAIClient(_HttpUpstream):
     """An OpenAI-compatible `chat/completions` endpoint (`UPSTREAM_URL` with or without /v1)."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
-        super().__init__(session, settings)
+    def __init__(
+        self, session: aiohttp.ClientSession, url: str, timeout: float, *, model: str, key: str
+    ) -> None:
+        super().__init__(session, url, timeout)
         path = "/chat/completions" if self.base.endswith("/v1") else "/v1/chat/completions"
         self.url = self.base + path
-        self.model = settings.upstream_model
+        self.model = model
         # The key lives only in this header; the logger redacts it from any event too.
-        key = settings.upstream_api_key
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     async def _call(self, question: str, context: list[dict[str, Any]]) -> str:
@@ -137,17 +146,23 @@ def upstream_kind(settings: Settings) -> str:
     return settings.upstream_kind
 
 
+def make_client(settings: Settings, session: aiohttp.ClientSession) -> Answerer:
+    """The client `UPSTREAM_KIND` names, at `UPSTREAM_URL` with `BOT_UPSTREAM_TIMEOUT`."""
+    url, timeout = settings.upstream_url, settings.upstream_timeout
+    if settings.upstream_kind == "openai":
+        model, key = settings.upstream_model, settings.upstream_api_key
+        return OpenAIClient(session, url, timeout, model=model, key=key)
+    return UpstreamClient(session, url, timeout)
+
+
 def build_answerer(settings: Settings, redis: Redis, session: aiohttp.ClientSession) -> Answerer:
     """The upstream as the bot asks it: cache (single-flight, stale) -> breaker -> client.
 
     Call once per process: the breaker it creates is this process's own.
     """
-    client: Answerer = (
-        OpenAIClient(session, settings)
-        if settings.upstream_kind == "openai"
-        else UpstreamClient(session, settings)
+    guarded = BreakerAnswerer(
+        make_client(settings, session), CircuitBreaker.from_settings(settings)
     )
-    guarded = BreakerAnswerer(client, CircuitBreaker.from_settings(settings))
     # The lock outlives one upstream call (timeout + margin to store the answer); a waiter
     # waits for a holder that may die (the lock lapses) and for its own takeover call.
     lock = settings.upstream_timeout + 1.0

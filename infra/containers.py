@@ -50,9 +50,9 @@ def target_hosts(settings: Settings) -> dict[int, str]:
     hosts = {settings.replica_metrics_port(i): f"bot-{i}" for i in range(1, settings.replicas + 1)}
     hosts |= {
         settings.worker_metrics_port: "worker",
-        observability.nginx_exporter_port(settings): service_host("nginx-exporter"),
-        observability.mtail_port(settings): "nginx-log",
-        observability.redis_exporter_port(settings): "redis-exporter",
+        settings.nginx_exporter_port: service_host("nginx-exporter"),
+        settings.mtail_port: "nginx-log",
+        settings.redis_exporter_port: "redis-exporter",
         observability.RABBITMQ_PROMETHEUS_PORT: "rabbitmq",
         settings.prometheus_port: "prometheus",
         settings.alertmanager_port: "alertmanager",

@@ -22,7 +22,6 @@ from infra.runner import (
     Program,
     _answers,
     bot_command,
-    nginx_status_port,
     render_template,
 )
 
@@ -30,20 +29,6 @@ PROMETHEUS_DIR = ROOT / "prometheus"
 ALERTMANAGER_DIR = ROOT / "alertmanager"
 # Port of RabbitMQ's rabbitmq_prometheus plugin (its default; a broker has one).
 RABBITMQ_PROMETHEUS_PORT = 15692
-
-
-def nginx_exporter_port(settings: Settings) -> int:
-    """prometheus-nginx-exporter: beside NGINX's stub_status port, after the replicas' ports."""
-    return settings.metrics_port_base + 95
-
-
-def redis_exporter_port(settings: Settings) -> int:
-    return settings.metrics_port_base + 96
-
-
-def mtail_port(settings: Settings) -> int:
-    """mtail reading NGINX's access log (responses by status and upstream)."""
-    return settings.metrics_port_base + 97
 
 
 def rabbitmq_metrics_target(settings: Settings) -> str | None:
@@ -84,9 +69,9 @@ def scrape_targets(settings: Settings, host: str = "127.0.0.1") -> dict[str, lis
             for i in range(1, settings.replicas + 1)
         ],
         "worker": [group(settings.worker_metrics_port, replica="worker")] if has_worker() else [],
-        "nginx": [group(nginx_exporter_port(settings))],
-        "nginx-log": [group(mtail_port(settings))],
-        "redis": [group(redis_exporter_port(settings))],
+        "nginx": [group(settings.nginx_exporter_port)],
+        "nginx-log": [group(settings.mtail_port)],
+        "redis": [group(settings.redis_exporter_port)],
         "rabbitmq": [{"targets": [rabbitmq], "labels": {}}] if rabbitmq else [],
         "prometheus": [group(settings.prometheus_port)],
         "alertmanager": [group(settings.alertmanager_port)],
@@ -164,9 +149,9 @@ def programs(settings: Settings, paths: Paths) -> list[Program]:
     redis = urlparse(settings.redis_url)
     redis_addr = f"redis://{redis.hostname or '127.0.0.1'}:{redis.port or 6379}"
     nginx_port, redis_port, log_port = (
-        nginx_exporter_port(settings),
-        redis_exporter_port(settings),
-        mtail_port(settings),
+        settings.nginx_exporter_port,
+        settings.redis_exporter_port,
+        settings.mtail_port,
     )
     return [
         Program(
@@ -199,7 +184,7 @@ def programs(settings: Settings, paths: Paths) -> list[Program]:
         Program(
             "nginx-exporter",
             f"{_exe('prometheus-nginx-exporter')} "
-            f"-nginx.scrape-uri=http://127.0.0.1:{nginx_status_port(settings)}/stub_status "
+            f"-nginx.scrape-uri=http://127.0.0.1:{settings.nginx_status_port}/stub_status "
             f"-web.listen-address=127.0.0.1:{nginx_port}",
             nginx_port,
             priority=950,

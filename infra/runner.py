@@ -82,18 +82,6 @@ BUILDERS: list[ProgramBuilder] = []
 
 # The user every unprivileged program runs as when `make up` runs as root.
 RUN_USER = "botstack"
-# A Redis the runner starts itself is bounded; past it, writes fail (the replicas answer 503)
-# and nothing stored is evicted: prefs, idempotency records and the outbox must survive.
-DEFAULT_REDIS_MAXMEMORY = "256mb"
-_REDIS_MEMORY_RE = re.compile(r"[1-9][0-9]{0,12}(kb|mb|gb)?", re.IGNORECASE)
-
-
-def redis_maxmemory(env: dict[str, str]) -> str:
-    """`BOT_REDIS_MAXMEMORY` (Redis's units: 512mb, 2gb), or the default."""
-    value = env.get("BOT_REDIS_MAXMEMORY", "").strip() or DEFAULT_REDIS_MAXMEMORY
-    if not _REDIS_MEMORY_RE.fullmatch(value):
-        raise SettingsError("BOT_REDIS_MAXMEMORY", value, "must be a size such as 256mb or 2gb")
-    return value.lower()
 
 
 def builder(fn: ProgramBuilder) -> ProgramBuilder:
@@ -103,11 +91,6 @@ def builder(fn: ProgramBuilder) -> ProgramBuilder:
 
 def bot_command(*args: str) -> str:
     return " ".join([str(VENV_BIN / "bot"), *args])
-
-
-def nginx_status_port(settings: Settings) -> int:
-    """Loopback-only port of NGINX's stub_status: beside the replicas' metrics ports."""
-    return settings.metrics_port_base + 98
 
 
 def render_template(text: str, values: dict[str, object]) -> str:
@@ -149,7 +132,7 @@ def render_nginx(
             "upstream_servers": servers,
             "public_host": "0.0.0.0",
             "public_port": settings.public_port,
-            "status_port": nginx_status_port(settings),
+            "status_port": settings.nginx_status_port,
             "addr_rate": settings.edge_rate,
             "addr_burst": settings.edge_burst,
             "addr_conn": settings.edge_conn,
@@ -242,7 +225,7 @@ def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list
                 "redis",
                 f"{shutil.which('redis-server') or 'redis-server'} --port {redis.port or 6379} "
                 f"--bind 127.0.0.1 --appendonly yes --appendfsync everysec --dir {data} "
-                f"--save '' --maxmemory {redis_maxmemory(env)} --maxmemory-policy noeviction",
+                f"--save '' --maxmemory {settings.redis_maxmemory} --maxmemory-policy noeviction",
                 redis.port or 6379,
                 priority=10,
                 writable=(data,),

@@ -202,7 +202,9 @@ async def test_a_slow_real_call_that_succeeds_after_an_outage_opened_the_circuit
     try:
         async with aiohttp.ClientSession() as session:
             b = breaker(Clock(), consecutive=3, open_seconds=30)
-            guarded = BreakerAnswerer(UpstreamClient(session, settings), b)
+            guarded = BreakerAnswerer(
+                UpstreamClient(session, settings.upstream_url, settings.upstream_timeout), b
+            )
             slow = asyncio.create_task(guarded.answer("slow", []))
             await asyncio.sleep(0.2)  # it is past the stub's fault check, sleeping
             async with session.post(

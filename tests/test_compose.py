@@ -286,8 +286,8 @@ def test_rendered_config_points_at_the_containers(tmp_path: Path) -> None:
     assert f"-p {containers.NGINX_RUN}" in " ".join(_args(nginx_service["command"]))
     assert f"nginx-logs:{containers.NGINX_RUN}/logs" in nginx_service["volumes"]
     assert f"access_log {containers.NGINX_RUN}/logs/nginx-access.log" in nginx
-    assert f"listen 127.0.0.1:{runner.nginx_status_port(settings)};" in nginx
-    assert _port(_health_url(nginx_service)) == runner.nginx_status_port(settings)
+    assert f"listen 127.0.0.1:{settings.nginx_status_port};" in nginx
+    assert _port(_health_url(nginx_service)) == settings.nginx_status_port
 
     prometheus = yaml.safe_load((tmp_path / "prometheus" / "prometheus.yml").read_text())
     assert prometheus["rule_files"] == [f"{containers.RULES_DIR}/*.yml"]

@@ -23,7 +23,7 @@ import redis
 import requests
 import yaml
 
-from bot.settings import load_settings
+from bot.settings import DEFAULT_REDIS_MAXMEMORY, load_settings
 from bot.store import record_key
 from infra import runner
 from tests.support import (
@@ -437,7 +437,7 @@ def test_a_redis_the_runner_starts_is_bounded_and_refuses_writes_rather_than_evi
         assert flag in flags and flag in native, flag
     assert flags[flags.index("--maxmemory-policy") + 1] == "noeviction"
     assert flags[flags.index("--maxmemory") + 1] == (
-        f"${{BOT_REDIS_MAXMEMORY:-{runner.DEFAULT_REDIS_MAXMEMORY}}}"
+        f"${{BOT_REDIS_MAXMEMORY:-{DEFAULT_REDIS_MAXMEMORY}}}"
     )
 
 

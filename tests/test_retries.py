@@ -27,8 +27,7 @@ from redis.exceptions import RedisError
 
 from bot import metrics
 from bot.answers import Answer
-from bot.app import make_redis
-from bot.core.service import Job
+from bot.core.types import Job
 from bot.errors import Unavailable, UpstreamUnavailable
 from bot.inbox import APOLOGY, Inbox
 from bot.retries import dlq, topology
@@ -39,6 +38,7 @@ from bot.retries.outbox import Outbox, Relay
 from bot.retries.publisher import RetryQueue
 from bot.retries.topology import Topology, delete
 from bot.retries.worker import Worker
+from bot.runtime import make_redis
 from bot.settings import Settings
 from tests.support import AMQP_URL, PrivateRedis, free_port, unique
 
@@ -106,7 +106,7 @@ async def settings(redis_url: str) -> AsyncIterator[Settings]:
 
 @pytest.fixture
 async def broker(settings: Settings) -> AsyncIterator[Broker]:
-    b = Broker(settings, "test")
+    b = Broker.from_settings(settings, "test")
     await b.start()
     try:
         assert await b.wait_declared(30)
@@ -127,7 +127,7 @@ async def queued(broker: Broker) -> int:
 async def test_defer_returns_after_confirm_and_queues_a_message_once(
     settings: Settings, broker: Broker, redis: Redis
 ) -> None:
-    rq = RetryQueue(settings, broker, Outbox(redis, settings.queue_prefix), redis)
+    rq = RetryQueue.from_settings(settings, broker, Outbox(redis, settings.queue_prefix), redis)
     j = job()
     await rq.defer(j, retry_after=30)  # long enough to stay in a delay queue
     await rq.defer(replace(j), retry_after=30)  # NGINX resent it to another replica
@@ -139,11 +139,11 @@ async def test_broker_down_means_outbox_and_the_relay_publishes_it_later(
     settings: Settings, broker: Broker, redis: Redis
 ) -> None:
     down = replace(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/")
-    dead = Broker(down, "test-down")
+    dead = Broker.from_settings(down, "test-down")
     await dead.start()
     outbox = Outbox(redis, settings.queue_prefix)
     try:
-        rq = RetryQueue(down, dead, outbox, redis)
+        rq = RetryQueue.from_settings(down, dead, outbox, redis)
         for _ in range(5):
             await rq.defer(job(), retry_after=30)
         assert await outbox.length() == 5
@@ -159,11 +159,11 @@ async def test_broker_down_means_outbox_and_the_relay_publishes_it_later(
 async def test_nothing_holds_the_job_means_503(settings: Settings) -> None:
     port = free_port()
     down = replace(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/")
-    dead = Broker(down, "test-down")
+    dead = Broker.from_settings(down, "test-down")
     await dead.start()
     gone = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=0.5)
     try:
-        rq = RetryQueue(down, dead, Outbox(gone, down.queue_prefix), gone)
+        rq = RetryQueue.from_settings(down, dead, Outbox(gone, down.queue_prefix), gone)
         with pytest.raises(Unavailable) as exc:
             await rq.defer(job(), retry_after=None)
         assert exc.value.status == 503 and exc.value.retry_after >= 1
@@ -225,12 +225,12 @@ async def test_attempt_times_grow_with_jitter_and_honour_retry_after(
     inbox = Inbox(redis)
     questions = [f"q{i}" for i in range(24)]
     upstream = ScriptedUpstream({"q0": 0.6, "q1": 0.6}, succeed_at=settings.retry_max_attempts)
-    worker_broker = Broker(settings, "test-worker", prefetch=settings.retry_prefetch)
+    worker_broker = Broker.from_settings(settings, "test-worker", prefetch=settings.retry_prefetch)
     await worker_broker.start()
-    worker = Worker(settings, worker_broker, inbox, upstream)
+    worker = Worker.from_settings(settings, worker_broker, inbox, upstream)
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
-    rq = RetryQueue(settings, broker, Outbox(redis, settings.queue_prefix), redis)
+    rq = RetryQueue.from_settings(settings, broker, Outbox(redis, settings.queue_prefix), redis)
     user = unique("u")
     deferred: dict[str, float] = {}
     for q in questions:
@@ -271,7 +271,7 @@ async def test_publish_with_confirm_throughput(
 ) -> None:
     """Jobs/s through `RetryQueue.defer` (Redis dedupe marker + confirmed publish); a
     figure for the record, not a timed assert."""
-    rq = RetryQueue(settings, broker, Outbox(redis, settings.queue_prefix), redis)
+    rq = RetryQueue.from_settings(settings, broker, Outbox(redis, settings.queue_prefix), redis)
     n = 1000
     jobs = [job() for _ in range(n)]
     sem = asyncio.Semaphore(64)
@@ -336,11 +336,11 @@ class Answers:
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings, inbox: Inbox, upstream: Any) -> AsyncIterator[Broker]:
     """The real worker, consuming in this process; yields its broker."""
-    wb = Broker(settings, "test-worker", prefetch=settings.retry_prefetch)
+    wb = Broker.from_settings(settings, "test-worker", prefetch=settings.retry_prefetch)
     await wb.start()
     assert await wb.wait_declared(30)
     stop = asyncio.Event()
-    running = asyncio.create_task(Worker(settings, wb, inbox, upstream).run(stop))
+    running = asyncio.create_task(Worker.from_settings(settings, wb, inbox, upstream).run(stop))
     try:
         yield wb
     finally:
@@ -441,7 +441,7 @@ async def test_redis_outage_delays_jobs_and_dead_letters_none(
     private = PrivateRedis(tmp_path / "redis")
     private.start()
     settings = replace(settings, redis_url=private.url, retry_prefetch=8)
-    client = make_redis(settings)
+    client = make_redis(settings.redis_url)
     inbox, upstream, user = Inbox(client), Answers(), unique("u")
     jobs = [Job(f"o-{i}", user, f"during the outage {i}?", []) for i in range(20)]
     dead_before = {r: dead_letter_count(r) for r in metrics.DEAD_REASONS}
@@ -483,7 +483,7 @@ async def test_job_redelivered_up_to_the_limit_is_parked_with_reason_and_apology
     settings = settings_for(redis_url)  # queues of its own: declared with the lower limit
     inbox, upstream, j = Inbox(redis), Answers(), job()
     try:
-        hand = Broker(settings, "test-hand")  # a worker that dies on every delivery
+        hand = Broker.from_settings(settings, "test-hand")  # a worker that dies on every delivery
         await hand.start()
         assert await hand.wait_declared(30)
         await hand.publish(encode(j, 0.0), hand.topology.work, message_id=j.message_id)
@@ -522,7 +522,7 @@ async def test_full_redis_holds_jobs_without_spinning_and_loses_none(
     # A backlog several times the prefetch: a worker that resumed at once after each failure
     # would take every one of them round again and again.
     settings = replace(settings, redis_url=private.url, retry_prefetch=2)
-    client = make_redis(settings)
+    client = make_redis(settings.redis_url)
     inbox, upstream, user = Inbox(client), Answers(), unique("u")
     jobs = [Job(f"f-{i}", user, f"while Redis is full {i}?", []) for i in range(10)]
     try:

@@ -20,7 +20,7 @@ import aio_pika
 import pytest
 import requests
 
-from bot.core.service import Job
+from bot.core.types import Job
 from bot.inbox import APOLOGY
 from bot.retries.jobs import encode
 from bot.retries.outbox import outbox_key

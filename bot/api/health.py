@@ -15,7 +15,7 @@ import asyncio
 
 from aiohttp import web
 
-from bot.api.keys import READINESS, STATE
+from bot.api.keys import STATE
 from bot.api.render import json_response
 
 
@@ -25,9 +25,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """200 unless draining; the dependencies' state is information, not a verdict."""
-    if request.app[STATE]["draining"]:
+    state = request.app[STATE]
+    if state.draining:
         return json_response({"status": "draining"}, 503, {"Retry-After": "1"})
-    checks = request.app[READINESS]
+    checks = state.readiness
     results = await asyncio.gather(*(check() for _, check in checks))
     deps = {name: ok for (name, _), ok in zip(checks, results, strict=True)}
     return json_response({"status": "ready", "dependencies": deps})

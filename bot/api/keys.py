@@ -1,23 +1,52 @@
-"""Typed application keys shared by the app factory and the handlers."""
+"""What the app factory gives the handlers and middlewares: typed state under typed keys.
+
+`ReplicaState` exists from `create_app` on (the probes and the load shedder use it before and
+after the clients live); `Replica` holds the components, built complete once the clients
+exist (`bot.app.replica_ctx`). Nothing here is a bare `dict`, `list` or `object`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from aiohttp import ClientSession, web
 from redis.asyncio import Redis
 
 from bot.api.longpoll import LongPolls
 from bot.core.service import BotService
+from bot.inbox import Inbox
 from bot.ratelimit import SharedLimiter
 from bot.settings import Settings
 from bot.store import Store
 
+Check = Callable[[], Awaitable[bool]]  # a dependency's check: does it answer?
+MESSAGES_ROUTE = "/v1/messages"
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    """This process's flags, shared by the probes, the load shedder and the long polls."""
+
+    draining: bool = False
+    inflight: int = 0  # requests being handled, long polls and probes aside
+    readiness: list[tuple[str, Check]] = field(default_factory=list)  # reported by /readyz
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """The replica's components, each built complete from the settings and the clients."""
+
+    store: Store
+    service: BotService
+    inbox: Inbox
+    longpolls: LongPolls
+    key_limiter: SharedLimiter | None  # per-API-key GCRA, when keys and the limit are set
+    upstream_probe: Check  # not in /readyz: an upstream outage is survivable
+
+
 SETTINGS = web.AppKey("settings", Settings)
+STATE = web.AppKey("state", ReplicaState)
 REDIS = web.AppKey("redis", Redis)
 HTTP = web.AppKey("http", ClientSession)
-STORE = web.AppKey("store", Store)
-SERVICE = web.AppKey("service", BotService)
-STATE = web.AppKey("state", dict)  # {"draining": bool, "inflight": int}
-READINESS = web.AppKey("readiness", list)  # async callables (name) -> bool, one per dependency
-UPSTREAM_PROBE = web.AppKey("upstream_probe", object)  # async () -> bool
-KEY_LIMITER = web.AppKey("key_limiter", SharedLimiter)  # per-API-key GCRA (when keys are set)
-LONGPOLLS = web.AppKey("longpolls", LongPolls)
+REPLICA = web.AppKey("replica", Replica)

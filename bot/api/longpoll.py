@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from bot.errors import Overloaded, RateLimited
+from bot.settings import Settings
 
 
 class LongPolls:
@@ -24,6 +25,10 @@ class LongPolls:
         self.per_user = per_user
         self.total = 0
         self._users: dict[str, int] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LongPolls:
+        return cls(settings.longpoll_max, settings.longpoll_per_user)
 
     @contextmanager
     def slot(self, user_id: str) -> Iterator[None]:

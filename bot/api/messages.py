@@ -9,13 +9,15 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bot import metrics
-from bot.api.keys import SERVICE
+from bot.api.keys import REPLICA
 from bot.api.middleware import REQUEST_ID, authorize_user, require_json
 from bot.api.render import json_response
+from bot.core.types import OutcomeKind
 from bot.core.validation import parse_message
-from bot.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
+from bot.errors import MAX_BODY, BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
 
-MAX_BODY = 64 * 1024
+# The one place a message's outcome becomes an HTTP status.
+STATUS: dict[OutcomeKind, int] = {"replied": 200, "queued": 202}
 
 
 async def read_json(request: web.Request) -> Any:
@@ -29,7 +31,7 @@ async def read_json(request: web.Request) -> Any:
             code="unsupported_content_encoding",
         )
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise PayloadTooLarge("request body is larger than 64 KiB")
+        raise PayloadTooLarge()
     try:
         body = await request.read()
     except HttpProcessingError:  # a body the HTTP parser could not read (framing, coding)
@@ -50,13 +52,13 @@ async def post_message(request: web.Request) -> web.Response:
     except (BadRequest, Forbidden):
         metrics.MESSAGES.labels(outcome="rejected").inc()
         raise
-    service = request.app[SERVICE]
+    service = request.app[REPLICA].service
     outcome = await service.handle(msg)
     headers: dict[str, str] = {}
     if outcome.rate is not None:
-        headers.update(outcome.rate.headers(service.policy))
+        headers.update(service.policy.headers(outcome.rate))
     if outcome.replayed:
         headers["Idempotent-Replayed"] = "true"
     if outcome.cache is not None:
         headers["X-Cache"] = outcome.cache
-    return json_response(outcome.body, outcome.status, headers)
+    return json_response(outcome.body, STATUS[outcome.kind], headers)

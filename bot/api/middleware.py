@@ -16,9 +16,10 @@ import uuid
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.api.keys import KEY_LIMITER, STATE
+from bot.api.keys import MESSAGES_ROUTE, REPLICA, STATE
 from bot.api.render import error_response
 from bot.api.replies import is_long_poll
 from bot.errors import (
@@ -31,6 +32,7 @@ from bot.errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    StorageUnavailable,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -78,8 +80,11 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     except BotError as exc:
         return error_response(exc)
+    except RedisError as exc:  # Redis down or refusing: the one place that says so
+        log.warning("storage_unavailable", path=request.path, error=type(exc).__name__)
+        return error_response(StorageUnavailable())
     except web.HTTPRequestEntityTooLarge:
-        return error_response(PayloadTooLarge("request body is larger than 64 KiB"))
+        return error_response(PayloadTooLarge())
     except web.HTTPMethodNotAllowed as exc:
         return error_response(
             MethodNotAllowed(f"{request.method} is not allowed here", tuple(exc.allowed_methods))
@@ -112,22 +117,24 @@ def shed(max_inflight: int) -> Middleware:
         if _never_shed(request):
             return await handler(request)
         state = request.app[STATE]
-        if state["inflight"] >= max_inflight:
-            if request.path == "/v1/messages":
+        if state.inflight >= max_inflight:
+            if _route(request) == MESSAGES_ROUTE:
                 metrics.MESSAGES.labels(outcome="shed").inc()
             raise Overloaded("this replica is busy; try again", 1)
-        state["inflight"] += 1
+        state.inflight += 1
         metrics.INFLIGHT.inc()
         try:
             return await handler(request)
         finally:
-            state["inflight"] -= 1
+            state.inflight -= 1
             metrics.INFLIGHT.dec()
 
     return middleware
 
 
-def authenticate(settings: Settings) -> Middleware:
+def authenticate(
+    api_keys: tuple[ApiKey, ...], trusted_proxies: tuple[IpNetwork, ...], *, open_api: bool
+) -> Middleware:
     """Who may use ``/v1/*``: a key of `BOT_API_KEYS` (then its rate limit), else loopback.
 
     With keys set, every ``/v1/*`` route needs ``Authorization: Bearer <key>``, compared in
@@ -136,9 +143,8 @@ def authenticate(settings: Settings) -> Middleware:
     clients are served unless `BOT_OPEN_API` is set (secure by default, as Redis's
     protected mode is).
     """
-    keys = tuple((k.digest, k) for k in settings.api_keys)
-    guard = ClientGuard(settings.trusted_proxies)
-    open_api = settings.open_api
+    keys = tuple((k.digest, k) for k in api_keys)
+    guard = ClientGuard(trusted_proxies)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -194,17 +200,17 @@ def authorize_user(request: web.Request, user_id: str) -> None:
 
 async def _take_key_token(request: web.Request, key: ApiKey) -> None:
     """The per-key (per-integration) limit: rotating user_ids does not get around it."""
-    limiter = request.app.get(KEY_LIMITER)
+    limiter = request.app[REPLICA].key_limiter
     if limiter is None:
         return
     state = await limiter.check(key.ident)
     if state.retry_after_s > 0:
-        if request.path == "/v1/messages":
+        if _route(request) == MESSAGES_ROUTE:
             metrics.MESSAGES.labels(outcome="rate_limited").inc()
         raise RateLimited(
             "this API key sends too fast; slow down",
             state.retry_after_s,
-            extra=state.headers(limiter.policy),
+            extra=limiter.policy.headers(state),
             code="key_rate_limited",
         )
 
@@ -247,7 +253,11 @@ def _address(text: str | None) -> IpAddress | None:
 
 def build(settings: Settings) -> list[Middleware]:
     """The replica's middlewares, configured once from the settings."""
-    return [observe, shed(settings.max_inflight), authenticate(settings)]
+    return [
+        observe,
+        shed(settings.max_inflight),
+        authenticate(settings.api_keys, settings.trusted_proxies, open_api=settings.open_api),
+    ]
 
 
 def require_json(request: web.Request) -> None:

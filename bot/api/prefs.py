@@ -1,15 +1,18 @@
-"""Preferences as a service: GET/PUT/DELETE /v1/users/{user_id}/prefs[/{key}]."""
+"""Preferences as a service: GET/PUT/DELETE /v1/users/{user_id}/prefs[/{key}].
+
+Errors are the middleware's to render: a `RedisError` is a 503, `TooManyPrefs` a 400 (a 409
+when the keys the user already has are what exceeds the limit).
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
-from bot.api.keys import STORE
+from bot.api.keys import REPLICA
 from bot.api.messages import read_json
 from bot.api.render import json_response
 from bot.core.validation import check_id, check_pref_key, check_pref_value
-from bot.errors import BadRequest, Conflict, Unavailable
+from bot.errors import BadRequest, Conflict
 from bot.store import MAX_PREFS, TooManyPrefs
 
 
@@ -17,16 +20,8 @@ def _user(request: web.Request) -> str:
     return check_id(request.match_info["user_id"], "user_id")
 
 
-def _unavailable() -> Unavailable:
-    return Unavailable("preferences are unavailable right now", 5)
-
-
 async def get_prefs(request: web.Request) -> web.Response:
-    user = _user(request)
-    try:
-        prefs = await request.app[STORE].prefs(user)
-    except RedisError:
-        raise _unavailable() from None
+    prefs = await request.app[REPLICA].store.prefs(_user(request))
     return json_response({"prefs": prefs})
 
 
@@ -39,36 +34,26 @@ async def put_prefs(request: web.Request) -> web.Response:
     values = payload["prefs"]
     if not isinstance(values, dict):
         raise BadRequest("prefs must be an object of strings", code="invalid_body")
-    if len(values) > MAX_PREFS:
-        raise BadRequest(f"at most {MAX_PREFS} preferences per user", code="too_many_prefs")
+    if len(values) > MAX_PREFS:  # before checking each of them
+        raise TooManyPrefs()
     clean = {check_pref_key(k): check_pref_value(v) for k, v in values.items()}
     try:
-        prefs = await request.app[STORE].set_prefs(user, clean)
+        prefs = await request.app[REPLICA].store.set_prefs(user, clean)
     except TooManyPrefs as exc:
         # The request is valid on its own (at most 100 keys): what refuses it is what the
         # user already has, so 409, not the 400 of an ill-formed request.
-        raise Conflict(str(exc), code="too_many_prefs") from None
-    except RedisError:
-        raise _unavailable() from None
+        raise Conflict(exc.message, code="too_many_prefs") from None
     return json_response({"prefs": prefs})
 
 
 async def delete_prefs(request: web.Request) -> web.Response:
-    user = _user(request)
-    try:
-        await request.app[STORE].del_prefs(user)
-    except RedisError:
-        raise _unavailable() from None
+    await request.app[REPLICA].store.del_prefs(_user(request))
     return web.Response(status=204)
 
 
 async def delete_pref(request: web.Request) -> web.Response:
     user = _user(request)
-    key = check_pref_key(request.match_info["key"])
-    try:
-        await request.app[STORE].del_prefs(user, key)
-    except RedisError:
-        raise _unavailable() from None
+    await request.app[REPLICA].store.del_prefs(user, check_pref_key(request.match_info["key"]))
     return web.Response(status=204)
 
 

@@ -9,12 +9,12 @@ import re
 from contextlib import nullcontext
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
-from bot.api.keys import LONGPOLLS, SERVICE, STATE
+from bot.api.keys import REPLICA, STATE
 from bot.api.render import json_response
+from bot.core.types import Reply
 from bot.core.validation import check_id
-from bot.errors import BadRequest, Unavailable
+from bot.errors import BadRequest
 from bot.inbox import MAX_WAIT, PAGE, valid_cursor
 
 ROUTE = "/v1/users/{user_id}/replies"
@@ -76,16 +76,14 @@ async def get_replies(request: web.Request) -> web.Response:
     after = _after(_query(request, "after"))
     wait = _wait(_query(request, "wait"))
     limit = _limit(_query(request, "limit"))
-    inbox = request.app[SERVICE].inbox
-    if inbox is None:
-        raise Unavailable("deferred replies are unavailable right now", 5)
-    state = request.app[STATE]
-    slot = request.app[LONGPOLLS].slot(user) if wait > 0 else nullcontext()
-    try:
-        with slot:
-            replies, cursor = await inbox.page(
-                user, after, wait=wait, limit=limit, stop=lambda: bool(state["draining"])
-            )
-    except RedisError:
-        raise Unavailable("deferred replies are unavailable right now", 5) from None
-    return json_response({"replies": [r.as_json() for r in replies], "next": cursor})
+    replica, state = request.app[REPLICA], request.app[STATE]
+    with replica.longpolls.slot(user) if wait > 0 else nullcontext():
+        replies, cursor = await replica.inbox.page(
+            user, after, wait=wait, limit=limit, stop=lambda: state.draining
+        )
+    return json_response({"replies": [_rendered(r) for r in replies], "next": cursor})
+
+
+def _rendered(reply: Reply) -> dict[str, str]:
+    """A reply as contract.md shows it (its kind and cursor stay inside)."""
+    return {"message_id": reply.message_id, "reply": reply.reply, "at": reply.at}

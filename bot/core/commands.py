@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 HELP = (
     "Commands: /help; /echo <text>; /prefs (all), /prefs get <key>, /prefs set <key> <value>, "
@@ -10,9 +11,14 @@ HELP = (
 )
 
 
+CommandName = Literal[
+    "help", "echo", "prefs", "prefs_get", "prefs_set", "prefs_del", "prefs_usage", "ask"
+]
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
-    name: str  # help | echo | prefs | prefs_get | prefs_set | prefs_del | ask
+    name: CommandName
     args: tuple[str, ...] = ()
 
 

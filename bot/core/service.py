@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -24,12 +23,14 @@ from bot import metrics
 from bot.answers import bounded
 from bot.cache import CachedAnswerer
 from bot.core import commands
+from bot.core.types import Admission, Context, Job, Outcome, Record
 from bot.core.validation import Message, check_pref_key, check_pref_value
-from bot.errors import BadRequest, RateLimited, Unavailable, UpstreamUnavailable
+from bot.errors import BadRequest, Busy, RateLimited, Unavailable, UpstreamUnavailable
 from bot.inbox import Inbox
 from bot.logging import get_logger
-from bot.ratelimit import LocalLimiter, Policy, RateState
-from bot.store import CONTEXT_TEXT_MAX, Admission, StorageFull, Store, TooManyPrefs
+from bot.ratelimit import LocalLimiter, Policy
+from bot.settings import Settings
+from bot.store import CONTEXT_TEXT_MAX, StorageFull, Store
 from bot.upstream import Answerer
 
 log = get_logger(__name__)
@@ -38,33 +39,10 @@ MAX_WAITING_DUPLICATES = 64  # per replica: a quarter of the default BOT_MAX_INF
 _POLL = (0.02, 0.25)  # seconds between looks at a claim another replica holds: first, most
 
 
-@dataclass(slots=True)
-class Job:
-    """Everything needed to answer a message later, without the original request."""
-
-    message_id: str
-    user_id: str
-    question: str
-    context: list[dict[str, Any]]
-    first_seen: float = field(default_factory=time.time)
-    attempt: int = 0
-
-
 class Deferrer(Protocol):
     """Takes a job whose upstream call failed and answers it later (the retry queue)."""
 
     async def defer(self, job: Job, retry_after: float | None) -> None: ...
-
-
-@dataclass(slots=True)
-class Outcome:
-    """The answer to one message, for the HTTP layer to render."""
-
-    status: int
-    body: dict[str, Any]
-    replayed: bool = False
-    rate: RateState | None = None
-    cache: str | None = None
 
 
 def _now() -> str:
@@ -103,6 +81,29 @@ class BotService:
             # takes over the lock of a question whose asker died, as it does the claim.
             answerer.heartbeat = store.heartbeat
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        store: Store,
+        answerer: Answerer,
+        *,
+        deferrer: Deferrer | None,
+        inbox: Inbox | None,
+    ) -> BotService:
+        """A replica's service: its store's policy, shared among the replicas when Redis is
+        away, and a duplicate waits as long as the claim it waits on can hold."""
+        return cls(
+            store,
+            answerer,
+            store.policy,
+            LocalLimiter(store.policy.scaled(settings.replicas)),
+            deferrer=deferrer,
+            inbox=inbox,
+            wait_timeout=store.lease_ms / 1000 + 1,
+            limit=settings.rate_limit_enabled,
+        )
+
     async def handle(self, msg: Message) -> Outcome:
         """Answer `msg`, or replay the answer it already had."""
         cmd = commands.parse(msg.text)
@@ -122,14 +123,14 @@ class BotService:
     async def _join(self, flight: asyncio.Future[Outcome]) -> Outcome:
         """A duplicate of a message this replica is handling: its answer, at no cost."""
         if self._waiting >= self.max_waiting:
-            raise Unavailable("the same message is still being processed", 1, code="busy")
+            raise Busy()
         self._waiting += 1
         try:
             outcome = await asyncio.shield(flight)
         finally:
             self._waiting -= 1
         metrics.MESSAGES.labels(outcome="duplicate").inc()
-        return Outcome(outcome.status, outcome.body, replayed=True)
+        return Outcome(outcome.kind, outcome.body, replayed=True)
 
     def _landed(self, key: tuple[str, str], flight: asyncio.Future[Outcome]) -> None:
         if self._flights.get(key) is flight:
@@ -148,7 +149,7 @@ class BotService:
             # holds the claim: wait for its record, polling with a backoff; if its holder's
             # heartbeat is gone (it died mid-answer), take the claim over at once.
             if time.monotonic() >= deadline:
-                raise Unavailable("the same message is still being processed", 1, code="busy")
+                raise Busy()
             take_over = adm.token if await self.store.heartbeat.gone(adm.token) else ""
             if not take_over:
                 await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
@@ -166,7 +167,7 @@ class BotService:
             raise RateLimited(
                 "too many messages; slow down",
                 adm.rate.retry_after_s,
-                extra=adm.rate.headers(self.policy),
+                extra=self.policy.headers(adm.rate),
             )
 
         if known is not None:  # stored with the admission (or Redis is down: not stored)
@@ -223,17 +224,18 @@ class BotService:
                 return Admission("limited", rate=state)
             return Admission("ok", rate=state)
 
-    async def _replay(self, msg: Message, record: dict[str, Any]) -> Outcome:
+    async def _replay(self, msg: Message, record: Record) -> Outcome:
         metrics.MESSAGES.labels(outcome="duplicate").inc()
-        if record["status"] == 202 and self.inbox is not None:
+        if record.kind == "queued" and self.inbox is not None:
             # Once the deferred reply exists, the replay returns it instead of "queued".
             try:
                 seen = await self.inbox.delivered(msg.user_id, msg.message_id)
             except RedisError:
                 seen = None
-            if seen is not None and seen["k"] == "answer":
-                return Outcome(200, self._replied(msg, seen["r"], cached=False).body, True)
-        return Outcome(record["status"], record["body"], replayed=True)
+            if seen is not None and seen.kind == "answer":
+                replied = self._replied(msg, seen.reply, cached=False)
+                return Outcome("replied", replied.body, replayed=True)
+        return Outcome(record.kind, record.body, replayed=True)
 
     async def _release(self, msg: Message, token: str) -> None:
         try:
@@ -242,9 +244,9 @@ class BotService:
             log.warning("claim_release_failed", message_id=msg.message_id)
 
     @staticmethod
-    def _record(outcome: Outcome) -> dict[str, Any]:
+    def _record(outcome: Outcome) -> Record:
         """What a replay of this message returns."""
-        return {"status": outcome.status, "body": outcome.body}
+        return Record(outcome.kind, outcome.body)
 
     @staticmethod
     def _context_entry(msg: Message, outcome: Outcome) -> dict[str, Any]:
@@ -252,9 +254,9 @@ class BotService:
         q = bounded(msg.text, CONTEXT_TEXT_MAX)
         return {"q": q, "a": bounded(outcome.body["reply"], CONTEXT_TEXT_MAX), "at": _now()}
 
-    async def _finish(self, msg: Message, outcome: Outcome, token: str) -> dict[str, Any] | None:
+    async def _finish(self, msg: Message, outcome: Outcome, token: str) -> Record | None:
         """Store the record; the record stored first by someone else, if there was one."""
-        entry = self._context_entry(msg, outcome) if outcome.status == 200 else None
+        entry = self._context_entry(msg, outcome) if outcome.kind == "replied" else None
         try:
             return await self.store.finish(
                 msg.user_id, msg.message_id, self._record(outcome), entry
@@ -265,9 +267,7 @@ class BotService:
             await self._release(msg, token)
             return None
 
-    async def _run(
-        self, msg: Message, cmd: commands.Command, context: list[dict[str, Any]]
-    ) -> Outcome:
+    async def _run(self, msg: Message, cmd: commands.Command, context: Context) -> Outcome:
         if cmd.name == "ask":
             return await self._ask(msg, cmd.args[0], context)
         reply = await self._command(msg.user_id, cmd)
@@ -281,9 +281,9 @@ class BotService:
             "reply": reply,
             "cached": cached,
         }
-        return Outcome(200, body)
+        return Outcome("replied", body)
 
-    async def _ask(self, msg: Message, question: str, context: list[dict[str, Any]]) -> Outcome:
+    async def _ask(self, msg: Message, question: str, context: Context) -> Outcome:
         try:
             answer = await self.answerer.answer(question, context)
         except UpstreamUnavailable as exc:
@@ -295,19 +295,14 @@ class BotService:
             job = Job(msg.message_id, msg.user_id, question, context)
             await self.deferrer.defer(job, exc.retry_after)
             metrics.MESSAGES.labels(outcome="queued").inc()
-            return Outcome(202, {"message_id": msg.message_id, "status": "queued"})
+            return Outcome("queued", {"message_id": msg.message_id, "status": "queued"})
         metrics.MESSAGES.labels(outcome="replied").inc()
         outcome = self._replied(msg, answer.text, cached=answer.cached)
         outcome.cache = answer.cache
         return outcome
 
     async def _command(self, user_id: str, cmd: commands.Command) -> str:
-        try:
-            return await self._command_reply(user_id, cmd)
-        except RedisError:
-            raise Unavailable("preferences are unavailable right now", 5) from None
-
-    async def _command_reply(self, user_id: str, cmd: commands.Command) -> str:
+        """The reply to a /prefs command (a `RedisError` is the caller's to render)."""
         match cmd.name:
             case "prefs":
                 prefs = await self.store.prefs(user_id)
@@ -323,10 +318,7 @@ class BotService:
                 check_pref_key(key)
                 if not value:
                     raise BadRequest("usage: /prefs set <key> <value>", code="invalid_command")
-                try:
-                    await self.store.set_prefs(user_id, {key: check_pref_value(value)})
-                except TooManyPrefs as exc:
-                    raise BadRequest(str(exc), code="too_many_prefs") from None
+                await self.store.set_prefs(user_id, {key: check_pref_value(value)})
                 return f"{key} = {value}"
             case "prefs_del":
                 key = check_pref_key(cmd.args[0])

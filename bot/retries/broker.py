@@ -38,9 +38,9 @@ class BrokerUnavailable(Exception):
 class Broker:
     """A robust connection, one confirming channel and the declared topology."""
 
-    def __init__(self, settings: Settings, name: str, *, prefetch: int = 0) -> None:
-        self.settings = settings
-        self.topology = Topology.from_settings(settings)
+    def __init__(self, amqp_url: str, topology: Topology, name: str, *, prefetch: int = 0) -> None:
+        self.amqp_url = amqp_url
+        self.topology = topology
         self.name = name
         self.prefetch = prefetch
         self.queues: dict[str, AbstractQueue] = {}
@@ -49,11 +49,16 @@ class Broker:
         self._channel: AbstractRobustChannel | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @classmethod
+    def from_settings(cls, settings: Settings, name: str, *, prefetch: int = 0) -> Broker:
+        """`AMQP_URL` with the topology of `BOT_QUEUE_PREFIX` and `BOT_RETRY_*`'s delays."""
+        return cls(settings.amqp_url, Topology.from_settings(settings), name, prefetch=prefetch)
+
     async def start(self) -> None:
         """Begin connecting in the background; returns at once."""
         # fail_fast=False: when the broker is down at start, keep trying instead of raising.
         self._connection = RobustConnection(
-            make_url(self.settings.amqp_url),
+            make_url(self.amqp_url),
             client_properties={"connection_name": self.name},
             reconnect_interval=1,
             fail_fast=False,

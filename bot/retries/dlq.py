@@ -17,7 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from bot.core.service import Job
+from bot.core.types import Job
 from bot.retries.broker import REASON_HEADER
 from bot.retries.jobs import decode, encode
 from bot.retries.topology import Topology, declare

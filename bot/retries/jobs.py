@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
 
-from bot.core.service import Job
+from bot.core.types import Job
+from bot.settings import Settings
 
 # An upstream asking us to wait longer than this is treated as asking for this long.
 MAX_RETRY_AFTER = 3600.0
@@ -95,6 +96,23 @@ def backoff(
     if retry_after is not None and retry_after > 0:
         delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
     return delay
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How failed questions are retried (`BOT_RETRY_*`): attempts, and the backoff's bounds."""
+
+    max_attempts: int
+    base_delay: float
+    max_delay: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(settings.retry_max_attempts, settings.retry_base_delay, settings.retry_max_delay)
+
+    def delay(self, failed_attempts: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before the next attempt (`backoff` within this policy's bounds)."""
+        return backoff(failed_attempts, self.base_delay, self.max_delay, retry_after)
 
 
 def delay_levels(base: float, cap: float) -> list[int]:

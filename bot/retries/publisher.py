@@ -15,11 +15,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.core.service import Job
+from bot.core.types import Job
 from bot.errors import Unavailable
 from bot.logging import get_logger
 from bot.retries.broker import Broker, BrokerUnavailable
-from bot.retries.jobs import backoff, encode, next_hop
+from bot.retries.jobs import RetryPolicy, encode, next_hop
 from bot.retries.outbox import Outbox
 from bot.settings import Settings
 from bot.store import user_key
@@ -43,18 +43,27 @@ async def publish_job(broker: Broker, job: Job, not_before: float) -> None:
 class RetryQueue:
     """Defers failed questions to RabbitMQ, or to the outbox while the broker is away."""
 
-    def __init__(self, settings: Settings, broker: Broker, outbox: Outbox, redis: Redis) -> None:
-        self.settings = settings
+    def __init__(
+        self, broker: Broker, outbox: Outbox, redis: Redis, policy: RetryPolicy, *, marker_ttl: int
+    ) -> None:
         self.broker = broker
         self.outbox = outbox
         self.redis = redis
+        self.policy = policy
+        self.marker_ttl = marker_ttl  # how long "already queued" is remembered per message
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, broker: Broker, outbox: Outbox, redis: Redis
+    ) -> RetryQueue:
+        """`BOT_RETRY_*`; a message is known as queued as long as its record is kept."""
+        policy = RetryPolicy.from_settings(settings)
+        return cls(broker, outbox, redis, policy, marker_ttl=settings.idempotency_ttl)
 
     async def defer(self, job: Job, retry_after: float | None) -> None:
         """Hold `job` durably for a later attempt; raise `Unavailable` when nothing can."""
         job.attempt = max(job.attempt, 1)  # the replica's own call was the first attempt
-        delay = backoff(
-            job.attempt, self.settings.retry_base_delay, self.settings.retry_max_delay, retry_after
-        )
+        delay = self.policy.delay(job.attempt, retry_after)
         not_before = time.time() + delay
         if not await self._mark(job):
             log.info("retry_job_already_queued", message_id=job.message_id)
@@ -83,7 +92,7 @@ class RetryQueue:
                     queued_key(job.user_id, job.message_id),
                     "1",
                     nx=True,
-                    ex=self.settings.idempotency_ttl,
+                    ex=self.marker_ttl,
                 )
             )
         except RedisError:

@@ -28,12 +28,12 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.core.service import Job
+from bot.core.types import Job
 from bot.errors import UpstreamUnavailable
 from bot.inbox import APOLOGY, Inbox
 from bot.logging import get_logger
 from bot.retries.broker import Broker, BrokerUnavailable
-from bot.retries.jobs import backoff, decode, encode, next_hop
+from bot.retries.jobs import RetryPolicy, decode, encode, next_hop
 from bot.retries.outbox import Outbox
 from bot.retries.publisher import publish_job
 from bot.settings import Settings
@@ -59,15 +59,32 @@ class Worker:
     """Consumes `<prefix>.work` until `stop` is set."""
 
     def __init__(
-        self, settings: Settings, broker: Broker, inbox: Inbox, answerer: Answerer
+        self,
+        broker: Broker,
+        inbox: Inbox,
+        answerer: Answerer,
+        policy: RetryPolicy,
+        *,
+        drain_timeout: float,
     ) -> None:
-        self.settings = settings
         self.broker = broker
         self.inbox = inbox
         self.answerer = answerer
+        self.policy = policy
+        self.drain_timeout = drain_timeout
         self.levels = list(broker.topology.levels)
         self._inflight: set[asyncio.Task[object]] = set()
         self._redis_lost = asyncio.Event()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, broker: Broker, inbox: Inbox, answerer: Answerer
+    ) -> Worker:
+        """`BOT_RETRY_*` and `BOT_DRAIN_TIMEOUT`."""
+        drain = settings.drain_timeout
+        return cls(
+            broker, inbox, answerer, RetryPolicy.from_settings(settings), drain_timeout=drain
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; then let in-flight jobs finish (or hand them back) and return."""
@@ -83,7 +100,7 @@ class Worker:
                 await queue.cancel(tag)
             if not stop.is_set():
                 await self._await_redis(stop)
-        await self.drain(self.settings.drain_timeout)
+        await self.drain(self.drain_timeout)
 
     async def _consume(self, queue: AbstractQueue, stop: asyncio.Event) -> str | None:
         """Start consuming (retrying while the broker is away); None once `stop` is set."""
@@ -216,15 +233,10 @@ class Worker:
 
     async def _failed(self, job: Job, exc: UpstreamUnavailable) -> None:
         job.attempt += 1
-        if job.attempt >= self.settings.retry_max_attempts:
+        if job.attempt >= self.policy.max_attempts:
             await self._give_up(job, "max_attempts", f"{job.attempt} attempts: {exc.reason}")
             return
-        delay = backoff(
-            job.attempt,
-            self.settings.retry_base_delay,
-            self.settings.retry_max_delay,
-            exc.retry_after,
-        )
+        delay = self.policy.delay(job.attempt, exc.retry_after)
         await publish_job(self.broker, job, time.time() + delay)
         metrics.RETRY_ATTEMPTS.labels(outcome="retry").inc()
         log.info(

@@ -1,0 +1,104 @@
+"""Process plumbing shared by the replica and the retry worker, written once.
+
+The lifetimes of the clients every process holds (Redis, the HTTP session), the `/metrics`
+server on its own port, the signals that stop a process, and cancel-then-await of the
+background tasks it owns. As arq's `connections.py` is to its worker: small, and nothing in
+it knows what the process does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from redis.asyncio import Redis
+
+from bot import metrics
+
+__all__ = [
+    "cancel_and_wait",
+    "http_client",
+    "make_redis",
+    "metrics_server",
+    "redis_client",
+    "stop_event",
+]
+
+
+def make_redis(url: str, *, socket_timeout: float = 1.0, **kwargs: Any) -> Redis:
+    """A Redis client whose every call has a timeout (it connects on first use)."""
+    redis: Redis = Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=1.0,
+        health_check_interval=15,
+        **kwargs,
+    )
+    return redis
+
+
+@contextlib.asynccontextmanager
+async def redis_client(url: str, **kwargs: Any) -> AsyncIterator[Redis]:
+    """`make_redis` for the life of the block, closed after."""
+    redis = make_redis(url, **kwargs)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def http_client(limit: int) -> AsyncIterator[aiohttp.ClientSession]:
+    """A pooled HTTP session (at most `limit` connections) encoding JSON with orjson."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=30),
+        json_serialize=lambda o: orjson.dumps(o).decode(),
+    )
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
+@contextlib.asynccontextmanager
+async def metrics_server(host: str, port: int) -> AsyncIterator[None]:
+    """`/metrics` on a port of its own, so it is never reachable through NGINX."""
+
+    async def serve(_: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def stop_event() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: the process's cue to drain and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[object] | asyncio.Task[None]) -> None:
+    """Cancel background tasks this process owns and wait until each has stopped."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
