@@ -14,7 +14,7 @@ APT_PACKAGES := nginx-light redis-server rabbitmq-server prometheus prometheus-a
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,load]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,load,runner]'
 	touch $(STAMP)
 
 install: $(STAMP) system-deps

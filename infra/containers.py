@@ -26,7 +26,8 @@ import yaml
 
 from bot.settings import Settings, SettingsError, load_settings, merged_environ
 from infra import observability
-from infra.runner import ROOT, Paths, render_nginx
+from infra.common import ROOT, Paths
+from infra.nginxconf import render_nginx
 
 # Where the rendered files live in every container that reads them (a named volume).
 CONFIG_DIR = Path("/srv/bot-config")

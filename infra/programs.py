@@ -1,0 +1,179 @@
+"""What the native runner supervises: one `Program` per process, built from the settings.
+
+Each builder returns the programs one part of the stack needs (`core_programs`: NGINX, the
+replicas and the upstream stub; `worker_programs`; `data_programs`: Redis and RabbitMQ of our
+own when the configured ones do not answer). The runner lists the builders it runs, the
+observability ones included (`infra/observability.py`).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from bot.settings import Settings, SettingsError
+from infra.common import VENV_BIN, Paths, answers
+from infra.nginxconf import render_nginx
+
+
+@dataclass(frozen=True)
+class Program:
+    """One supervised process."""
+
+    name: str
+    command: str
+    port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    stopwaitsecs: int = 15
+    priority: int = 500
+    ready_url: str | None = None  # GET answering < 500 means started
+    # Keeps root when the runner has it (see `infra.users.RUN_USER`); everything else runs
+    # unprivileged.
+    privileged: bool = False
+    writable: tuple[Path, ...] = ()  # directories it writes, given to the user it runs as
+    # A privileged program that drops to a user of its own (RabbitMQ's `rabbitmq`) writes its
+    # directories as that user.
+    owner: str | None = None
+
+
+ProgramBuilder = Callable[[Settings, Paths, dict[str, str]], list[Program]]
+
+# A Redis the runner starts itself is bounded; past it, writes fail (the replicas answer 503)
+# and nothing stored is evicted: prefs, idempotency records and the outbox must survive.
+DEFAULT_REDIS_MAXMEMORY = "256mb"
+_REDIS_MEMORY_RE = re.compile(r"[1-9][0-9]{0,12}(kb|mb|gb)?", re.IGNORECASE)
+
+
+def redis_maxmemory(env: dict[str, str]) -> str:
+    """`BOT_REDIS_MAXMEMORY` (Redis's units: 512mb, 2gb), or the default."""
+    value = env.get("BOT_REDIS_MAXMEMORY", "").strip() or DEFAULT_REDIS_MAXMEMORY
+    if not _REDIS_MEMORY_RE.fullmatch(value):
+        raise SettingsError("BOT_REDIS_MAXMEMORY", value, "must be a size such as 256mb or 2gb")
+    return value.lower()
+
+
+def bot_command(*args: str) -> str:
+    """The `bot` console script of this venv with `args`."""
+    return " ".join([str(VENV_BIN / "bot"), *args])
+
+
+def module_command(module: str, *args: str) -> str:
+    """`python -m module args` with this venv's interpreter (the stack's own tools)."""
+    return " ".join([str(VENV_BIN / "python"), "-m", module, *args])
+
+
+def core_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list[Program]:
+    """NGINX, the replicas and the upstream stub."""
+    nginx_conf = paths.run / "nginx.conf"
+    (paths.run / "nginx-tmp").mkdir(parents=True, exist_ok=True)
+    nginx_conf.write_text(render_nginx(settings, paths))
+    progs = [
+        Program(
+            f"bot-{i}",
+            bot_command("serve", "--replica", str(i)),
+            settings.replica_port(i),
+            ready_url=f"http://127.0.0.1:{settings.replica_port(i)}/readyz",
+        )
+        for i in range(1, settings.replicas + 1)
+    ]
+    progs.append(
+        Program(
+            "stub",
+            module_command("infra.stub"),
+            settings.stub_port,
+            priority=100,
+            ready_url=f"http://127.0.0.1:{settings.stub_port}/healthz",
+        )
+    )
+    progs.append(
+        Program(
+            "nginx",
+            f"{shutil.which('nginx') or '/usr/sbin/nginx'} -c {nginx_conf} -p {paths.run}",
+            settings.public_port,
+            priority=900,
+            privileged=True,  # the master; its workers drop to `nobody`
+        )
+    )
+    return progs
+
+
+def worker_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list[Program]:
+    """The retry worker (bot/retries): answers queued jobs; /metrics on its own port."""
+    port = settings.worker_metrics_port
+    return [
+        Program(
+            "worker",
+            bot_command("worker"),
+            port,
+            # SIGTERM lets in-flight jobs finish within the drain timeout, then requeues.
+            stopwaitsecs=int(settings.drain_timeout) + 5,
+            ready_url=f"http://127.0.0.1:{port}/metrics",
+        )
+    ]
+
+
+def _dist_port(amqp_port: int) -> int:
+    """RabbitMQ's conventional distribution port (AMQP + 20000), unless a node has it."""
+    if not answers("127.0.0.1", amqp_port + 20000):
+        return amqp_port + 20000
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list[Program]:
+    """Redis and RabbitMQ of our own, only when the configured ones do not answer."""
+    progs: list[Program] = []
+    redis = urlparse(settings.redis_url)
+    if redis.scheme.startswith("redis") and not answers(
+        redis.hostname or "127.0.0.1", redis.port or 6379
+    ):
+        data = paths.run / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        progs.append(
+            Program(
+                "redis",
+                f"{shutil.which('redis-server') or 'redis-server'} --port {redis.port or 6379} "
+                f"--bind 127.0.0.1 --appendonly yes --appendfsync everysec --dir {data} "
+                f"--save '' --maxmemory {redis_maxmemory(env)} --maxmemory-policy noeviction",
+                redis.port or 6379,
+                priority=10,
+                writable=(data,),
+            )
+        )
+    amqp = urlparse(settings.amqp_url)
+    if not answers(amqp.hostname or "127.0.0.1", amqp.port or 5672):
+        port = amqp.port or 5672
+        base = paths.run / "rabbitmq"
+        (base / "log").mkdir(parents=True, exist_ok=True)
+        progs.append(
+            Program(
+                "rabbitmq",
+                shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server",
+                port,
+                priority=10,
+                stopwaitsecs=30,
+                privileged=True,  # its launcher switches to the `rabbitmq` user itself
+                writable=(base,),
+                owner="rabbitmq",
+                env={
+                    "RABBITMQ_NODE_PORT": str(port),
+                    "RABBITMQ_NODENAME": f"bot{port}@localhost",
+                    "RABBITMQ_DIST_PORT": str(_dist_port(port)),
+                    "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+                    # Its own log directory: the launcher drops to `rabbitmq`, which may not
+                    # write the runner's logs/ (supervisord's, owned by whoever ran `make up`).
+                    "RABBITMQ_LOG_BASE": str(base / "log"),
+                    "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                    # Prometheus scrapes it on 15692 (infra/observability.py).
+                    "RABBITMQ_ENABLED_PLUGINS": "rabbitmq_prometheus",
+                },
+            )
+        )
+    return progs
