@@ -8,16 +8,17 @@ observability ones included (`infra/observability.py`).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
-import socket
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 from bot.settings import Settings, SettingsError
-from infra.common import VENV_BIN, Paths, answers
+from infra.common import VENV_BIN, Paths, answers, free_port
 from infra.nginxconf import render_nginx
 
 
@@ -36,8 +37,8 @@ class Program:
     # unprivileged.
     privileged: bool = False
     writable: tuple[Path, ...] = ()  # directories it writes, given to the user it runs as
-    # A privileged program that drops to a user of its own (RabbitMQ's `rabbitmq`) writes its
-    # directories as that user.
+    # Run as root, the runner runs it as this user of its own (RabbitMQ as `rabbitmq`, as
+    # Debian's service does) rather than `RUN_USER`.
     owner: str | None = None
 
 
@@ -118,13 +119,12 @@ def worker_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> li
 
 
 def _dist_port(amqp_port: int) -> int:
-    """RabbitMQ's conventional distribution port (AMQP + 20000), unless a node has it."""
-    if not answers("127.0.0.1", amqp_port + 20000):
-        return amqp_port + 20000
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """RabbitMQ's conventional distribution port (AMQP + 20000), unless a node has it or it
+    is past the last port (an AMQP port above 45535): then a free one."""
+    conventional = amqp_port + 20000
+    if conventional <= 65535 and not answers("127.0.0.1", conventional):
+        return conventional
+    return free_port()
 
 
 def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list[Program]:
@@ -149,31 +149,70 @@ def data_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list
         )
     amqp = urlparse(settings.amqp_url)
     if not answers(amqp.hostname or "127.0.0.1", amqp.port or 5672):
-        port = amqp.port or 5672
-        base = paths.run / "rabbitmq"
-        (base / "log").mkdir(parents=True, exist_ok=True)
-        progs.append(
-            Program(
-                "rabbitmq",
-                shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server",
-                port,
-                priority=10,
-                stopwaitsecs=30,
-                privileged=True,  # its launcher switches to the `rabbitmq` user itself
-                writable=(base,),
-                owner="rabbitmq",
-                env={
-                    "RABBITMQ_NODE_PORT": str(port),
-                    "RABBITMQ_NODENAME": f"bot{port}@localhost",
-                    "RABBITMQ_DIST_PORT": str(_dist_port(port)),
-                    "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-                    # Its own log directory: the launcher drops to `rabbitmq`, which may not
-                    # write the runner's logs/ (supervisord's, owned by whoever ran `make up`).
-                    "RABBITMQ_LOG_BASE": str(base / "log"),
-                    "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-                    # Prometheus scrapes it on 15692 (infra/observability.py).
-                    "RABBITMQ_ENABLED_PLUGINS": "rabbitmq_prometheus",
-                },
-            )
-        )
+        progs.append(_rabbitmq(paths, amqp.port or 5672))
     return progs
+
+
+# The server script behind Debian's /usr/sbin/rabbitmq-server. That launcher switches users
+# with `su` (whose node then outlives supervisord's stop) and refuses anyone but root and
+# `rabbitmq`; supervisord runs the script itself, as `rabbitmq` when it is root.
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+# Where a RabbitMQ of our own records the port of its own epmd, for `down` to stop it.
+EPMD_PORT_FILE = "epmd.port"
+
+
+def _rabbitmq(paths: Paths, port: int) -> Program:
+    """A RabbitMQ node of our own, with an epmd of its own on a free port.
+
+    Its own epmd: Erlang leaves epmd running after the node stops, and one on the standard
+    port may serve other nodes of the machine; ours is stopped by `down` (`stop_epmd`).
+    """
+    base = paths.run / "rabbitmq"
+    (base / "log").mkdir(parents=True, exist_ok=True)
+    # Files of its own: the machine's /etc/rabbitmq (a listener on 5672, a node name, its
+    # plugin list, which the broker rewrites) belongs to the machine's broker.
+    (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n")
+    epmd_port = free_port()
+    (paths.run / EPMD_PORT_FILE).write_text(f"{epmd_port}\n")
+    return Program(
+        "rabbitmq",
+        RABBITMQ_SERVER,
+        port,
+        priority=10,
+        stopwaitsecs=30,
+        writable=(base,),
+        owner="rabbitmq",
+        env={
+            "HOME": str(base),  # its Erlang cookie
+            "ERL_EPMD_PORT": str(epmd_port),
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_NODENAME": f"bot{port}@localhost",
+            "RABBITMQ_DIST_PORT": str(_dist_port(port)),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            # Its own log directory: the launcher drops to `rabbitmq`, which may not write
+            # the runner's logs/ (supervisord's, owned by whoever ran `make up`).
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_CONF_ENV_FILE": "/dev/null",
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            # Prometheus scrapes it on 15692 (infra/observability.py).
+            "RABBITMQ_ENABLED_PLUGINS": "rabbitmq_prometheus",
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        },
+    )
+
+
+def stop_epmd(paths: Paths) -> None:
+    """Stop the epmd our RabbitMQ started (once the node is down it serves no one)."""
+    port_file = paths.run / EPMD_PORT_FILE
+    if not port_file.exists():
+        return
+    port = port_file.read_text().strip()
+    if answers("127.0.0.1", int(port)):
+        epmd = shutil.which("epmd") or "epmd"
+        subprocess.run(
+            [epmd, "-kill"], env={**os.environ, "ERL_EPMD_PORT": port}, capture_output=True,
+            check=False,
+        )  # fmt: skip
+    port_file.unlink(missing_ok=True)

@@ -1,15 +1,15 @@
 """The native runner: `make up | down | status` as contract.md describes.
 
 It renders the NGINX config from its one template and a supervisord config for
-`BOT_REPLICAS` replicas into a run directory (``.run/`` by default, ``BOT_RUN_DIR``), starts
-supervisord there, waits until every replica is ready (and Prometheus has loaded its
-targets) and prints the URLs. Redis and RabbitMQ at `REDIS_URL` / `AMQP_URL` are reused when
-they answer; otherwise the runner adds its own (Redis append-only, bounded by
-`BOT_REDIS_MAXMEMORY` and refusing writes, never evicting, when full). Run as root, it starts
-every process that does not need root as the unprivileged user `botstack` (created when
-missing): only supervisord, NGINX's master (its workers run as `nobody`) and RabbitMQ's
-launcher (it drops to `rabbitmq` itself) keep root. Tests use the same code with other ports
-and their own run directory.
+`BOT_REPLICAS` replicas into a run directory (``.run/`` by default, ``BOT_RUN_DIR``), refuses
+ports another process already holds, starts supervisord there, waits until every process is
+ready (and Prometheus lists its targets) and prints the URLs. Redis and RabbitMQ at
+`REDIS_URL` / `AMQP_URL` are reused when they answer; otherwise the runner adds its own (Redis
+append-only, bounded by `BOT_REDIS_MAXMEMORY` and refusing writes, never evicting, when full;
+RabbitMQ with its own config and epmd, which `down` stops too). Run as root, it starts every
+process that does not need root as the unprivileged user `botstack` (created when missing),
+its RabbitMQ as `rabbitmq`: only supervisord and NGINX's master (its workers run as `nobody`)
+keep root. Tests use the same code with other ports and their own run directory.
 
 What it runs is in `infra/programs.py` and `infra/observability.py`, who runs it as whom in
 `infra/users.py`, supervisord in `infra/supervise.py`.
@@ -34,9 +34,10 @@ from infra.programs import (
     ProgramBuilder,
     core_programs,
     data_programs,
+    stop_epmd,
     worker_programs,
 )
-from infra.supervise import down, running, start, status
+from infra.supervise import running, start, status, stop
 from infra.users import hand_over, run_user
 
 # Everything `make up` runs, in this order of planning.
@@ -112,6 +113,15 @@ def up(settings: Settings, paths: Paths, env: dict[str, str], timeout: float = 9
     except SettingsError as exc:
         print(f"runner: {exc}", file=sys.stderr)
         return 2
+    taken = [f"{p.port} ({p.name})" for p in programs if p.port and answers("127.0.0.1", p.port)]
+    if taken:
+        # Someone else's service (Debian's own prometheus on 9090, say) would pass for ours.
+        print(
+            f"runner: another process already listens on {', '.join(taken)}: stop it, or give "
+            "the stack other ports (BOT_*_PORT in .env)",
+            file=sys.stderr,
+        )
+        return 1
     user = run_user(paths)
     hand_over(programs, user)
     warning = persistence_warning(settings)
@@ -141,6 +151,13 @@ def up(settings: Settings, paths: Paths, env: dict[str, str], timeout: float = 9
         if p.name in ("prometheus", "alertmanager", "alertsink", "worker"):
             print(f"  {p.name:<12} http://127.0.0.1:{p.port}/")
     return 0
+
+
+def down(paths: Paths) -> int:
+    """Stop everything `up` started (supervisord, its processes, our RabbitMQ's epmd)."""
+    code = stop(paths)
+    stop_epmd(paths)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

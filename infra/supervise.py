@@ -9,6 +9,7 @@ from pathlib import Path
 
 from infra.common import ROOT, VENV_BIN, Paths
 from infra.programs import Program
+from infra.users import user_of
 
 
 def render_supervisor(paths: Paths, programs: list[Program], user: str | None = None) -> str:
@@ -49,8 +50,8 @@ def render_supervisor(paths: Paths, programs: list[Program], user: str | None = 
             "stdout_logfile_maxbytes=20MB",
             "stdout_logfile_backups=1",
         ]
-        if user and not p.privileged:
-            lines.append(f"user={user}")
+        if run_as := user_of(p, user):
+            lines.append(f"user={run_as}")
         if p.env:
             env = ",".join(f'{k}="{v}"' for k, v in p.env.items())
             lines.append(f"environment={env}")
@@ -77,8 +78,8 @@ def start(paths: Paths, programs: list[Program], env: dict[str, str], user: str 
     subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(paths.conf)], env=env, check=True)
 
 
-def down(paths: Paths) -> int:
-    """Stop everything `up` started; harmless when nothing runs."""
+def stop(paths: Paths) -> int:
+    """Stop every supervised process and supervisord; harmless when nothing runs."""
     if not running(paths):
         print("stack not running")
         return 0

@@ -1,8 +1,8 @@
 """Who the stack's processes run as when `make up` runs as root.
 
 Everything that does not need root runs as the unprivileged `RUN_USER` (created when
-missing); a privileged program that drops to a user of its own (RabbitMQ) gets its
-directories owned by that user, since it writes them after the switch.
+missing), or as a user of its own where Debian's service has one (RabbitMQ as `rabbitmq`);
+each gets its data directories, since it writes them.
 """
 
 from __future__ import annotations
@@ -57,16 +57,20 @@ def reaches(user: str, *paths: Path) -> bool:
     return subprocess.run(["runuser", "-u", user, "--", "test", *test], check=False).returncode == 0
 
 
-def hand_over(programs: list[Program], user: str | None) -> None:
-    """Give each program's data directories to the user it writes them as.
+def user_of(program: Program, user: str | None) -> str | None:
+    """Who `program` runs as: root's choice for it, or None to run as the runner does."""
+    if os.geteuid() != 0 or program.privileged:
+        return None
+    if program.owner:
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(program.owner).pw_name
+    return user
 
-    Unprivileged programs run as `user` (None: as whoever runs the runner, nothing to do);
-    a privileged one with an `owner` drops to that user itself. Only root can give files away.
-    """
-    if os.geteuid() != 0:
-        return
+
+def hand_over(programs: list[Program], user: str | None) -> None:
+    """Give each program's data directories to the user it runs as (only root can)."""
     for program in programs:
-        owner = program.owner if program.privileged else user
+        owner = user_of(program, user)
         if not owner:
             continue
         try:

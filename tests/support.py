@@ -31,7 +31,7 @@ from bot.settings import load_settings
 from infra import common, runner
 from infra.common import Paths, drop_queues
 from infra.common import free_port as free_port  # the tests take it from here
-from infra.supervise import down, supervisorctl
+from infra.supervise import supervisorctl
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -146,7 +146,7 @@ class Stack:
 
     def stop(self) -> None:
         """Stop every process, then delete the stack's retry queues (its own prefix)."""
-        down(self.paths)
+        runner.down(self.paths)
         drop_queues(self.settings)
 
     def ctl(self, *args: str) -> str:

@@ -33,7 +33,6 @@ from infra.common import (
     stack_env,
 )
 from infra.nginxconf import render_nginx
-from infra.supervise import down
 from loadtests.bench.config import BenchConfig
 from loadtests.bench.measure import HERE
 from loadtests.observe import listening_pids
@@ -154,7 +153,7 @@ def private_stack(cfg: BenchConfig, tmp: Path, limiter: bool) -> Iterator[Settin
         yield settings
     finally:
         with contextlib.redirect_stdout(io.StringIO()):
-            down(paths)
+            runner.down(paths)
         drop_queues(settings)
 
 
