@@ -193,3 +193,8 @@ def test_an_import_into_a_forbidden_package_is_found(tmp_path: Path) -> None:
     graph = import_graph(root, ["bot", "infra"])
     assert imports_into(graph, "bot", ["infra"]) == ["bot.cli -> infra.stub"]
     assert cycles(graph) == [["bot.cli", "infra.stub"]]
+
+
+def test_the_shared_helpers_import_nothing_back_from_the_tooling(graph: Graph) -> None:
+    """infra.common serves the runner, the benchmark and the tests: it imports none of them."""
+    assert sorted(d for d in graph["infra.common"] if not d.startswith("bot.")) == []
