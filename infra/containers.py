@@ -28,6 +28,7 @@ from bot.settings import Settings, SettingsError, load_settings, merged_environ
 from infra import observability
 from infra.common import ROOT, Paths
 from infra.nginxconf import render_nginx
+from infra.programs import RABBITMQ_PROMETHEUS_PORT
 
 # Where the rendered files live in every container that reads them (a named volume).
 CONFIG_DIR = Path("/srv/bot-config")
@@ -54,7 +55,7 @@ def target_hosts(settings: Settings) -> dict[int, str]:
         observability.nginx_exporter_port(settings): service_host("nginx-exporter"),
         observability.mtail_port(settings): "nginx-log",
         observability.redis_exporter_port(settings): "redis-exporter",
-        observability.RABBITMQ_PROMETHEUS_PORT: "rabbitmq",
+        RABBITMQ_PROMETHEUS_PORT: "rabbitmq",
         settings.prometheus_port: "prometheus",
         settings.alertmanager_port: "alertmanager",
     }

@@ -20,14 +20,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from bot.settings import Settings
-from infra.common import ROOT, Paths, answers, render_template
+from infra.common import ROOT, Paths, answers, port_free, render_template
 from infra.nginxconf import nginx_status_port
-from infra.programs import Program, module_command
+from infra.programs import RABBITMQ_PROMETHEUS_PORT, Program, module_command
 
 PROMETHEUS_DIR = ROOT / "prometheus"
 ALERTMANAGER_DIR = ROOT / "alertmanager"
-# Port of RabbitMQ's rabbitmq_prometheus plugin (its default; a broker has one).
-RABBITMQ_PROMETHEUS_PORT = 15692
 
 
 def nginx_exporter_port(settings: Settings) -> int:
@@ -53,10 +51,11 @@ def rabbitmq_metrics_target(settings: Settings) -> str | None:
     """
     amqp = urlparse(settings.amqp_url)
     host = amqp.hostname or "127.0.0.1"
-    own_broker = not answers(host, amqp.port or 5672)
-    if own_broker or answers(host, RABBITMQ_PROMETHEUS_PORT):
-        return f"{host}:{RABBITMQ_PROMETHEUS_PORT}"
-    return None
+    if answers(host, amqp.port or 5672):  # a reused broker
+        plugin = answers(host, RABBITMQ_PROMETHEUS_PORT)
+    else:  # ours: its plugin takes the port unless another process holds it already
+        plugin = port_free(RABBITMQ_PROMETHEUS_PORT)
+    return f"{host}:{RABBITMQ_PROMETHEUS_PORT}" if plugin else None
 
 
 def has_worker() -> bool:

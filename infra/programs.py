@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bot.settings import Settings, SettingsError
-from infra.common import VENV_BIN, Paths, answers, free_port
+from infra.common import VENV_BIN, Paths, answers, free_port, port_free
 from infra.nginxconf import render_nginx
 
 
@@ -43,6 +43,9 @@ class Program:
 
 
 ProgramBuilder = Callable[[Settings, Paths, dict[str, str]], list[Program]]
+
+# Port of RabbitMQ's rabbitmq_prometheus plugin (its default; a broker has one).
+RABBITMQ_PROMETHEUS_PORT = 15692
 
 # A Redis the runner starts itself is bounded; past it, writes fail (the replicas answer 503)
 # and nothing stored is evicted: prefs, idempotency records and the outbox must survive.
@@ -171,7 +174,12 @@ def _rabbitmq(paths: Paths, port: int) -> Program:
     (base / "log").mkdir(parents=True, exist_ok=True)
     # Files of its own: the machine's /etc/rabbitmq (a listener on 5672, a node name, its
     # plugin list, which the broker rewrites) belongs to the machine's broker.
-    (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n")
+    conf = f"listeners.tcp.local = 127.0.0.1:{port}\n"
+    if not port_free(RABBITMQ_PROMETHEUS_PORT):
+        # Another broker's plugin has it (the node would not boot): ours goes unscraped
+        # (`observability.rabbitmq_metrics_target`), the bot's own RabbitMQ gauges remain.
+        conf += f"prometheus.tcp.port = {free_port()}\n"
+    (base / "rabbitmq.conf").write_text(conf)
     epmd_port = free_port()
     (paths.run / EPMD_PORT_FILE).write_text(f"{epmd_port}\n")
     return Program(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bot.settings import Settings, SettingsError, load_settings, merged_environ
 from infra import observability
-from infra.common import ROOT, VENV_BIN, Paths, answers
+from infra.common import ROOT, VENV_BIN, Paths, answers, port_free
 from infra.programs import (
     Program,
     ProgramBuilder,
@@ -113,12 +113,14 @@ def up(settings: Settings, paths: Paths, env: dict[str, str], timeout: float = 9
     except SettingsError as exc:
         print(f"runner: {exc}", file=sys.stderr)
         return 2
-    taken = [f"{p.port} ({p.name})" for p in programs if p.port and answers("127.0.0.1", p.port)]
+    # Someone else's service (Debian's own prometheus on 9090, say) would pass for ours, and
+    # one that holds a port without answering (a broker out of file descriptors) would make
+    # ours fail to bind: either is named here rather than found 90 s later.
+    taken = [f"{p.port} ({p.name})" for p in programs if p.port and not port_free(p.port)]
     if taken:
-        # Someone else's service (Debian's own prometheus on 9090, say) would pass for ours.
         print(
-            f"runner: another process already listens on {', '.join(taken)}: stop it, or give "
-            "the stack other ports (BOT_*_PORT in .env)",
+            f"runner: another process already holds port {', '.join(taken)}: stop it, or "
+            "give the stack other ports (BOT_*_PORT, REDIS_URL, AMQP_URL in .env)",
             file=sys.stderr,
         )
         return 1

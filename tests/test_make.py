@@ -100,16 +100,23 @@ def test_make_up_status_down_with_its_own_rabbitmq_leave_nothing(
     assert after.returncode != 0 and "stack not running" in after.stdout
 
 
-def test_make_up_refuses_a_port_another_service_holds(make_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("answering", [True, False], ids=["answering", "silent"])
+def test_make_up_names_a_port_another_process_holds(
+    make_env: dict[str, str], answering: bool
+) -> None:
     """A foreign service on one of the stack's ports (Debian's own Prometheus on 9090, say)
-    is named, not taken for ours."""
+    is named, not taken for ours; so is one that holds a port without answering (a broker
+    out of file descriptors), where the runner would otherwise start its own and time out."""
     settings = load_settings(make_env)
+    port, name = (settings.stub_port, "stub") if answering else (free_port(), "rabbitmq")
+    env = make_env if answering else {**make_env, "AMQP_URL": f"amqp://127.0.0.1:{port}/"}
     with socket.socket() as foreign:
-        foreign.bind(("127.0.0.1", settings.stub_port))
-        foreign.listen()
-        up = make("up", make_env)
+        foreign.bind(("127.0.0.1", port))
+        if answering:
+            foreign.listen()
+        up = make("up", env)
     assert up.returncode != 0
-    assert f"{settings.stub_port} (stub)" in up.stderr, up.stdout + up.stderr
+    assert f"{port} ({name})" in up.stderr, up.stdout + up.stderr
     assert processes_under(Path(make_env["BOT_RUN_DIR"])) == []
 
 
