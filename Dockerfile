@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The bot's image: one for the replicas, the retry worker, the upstream stub and the alert sink
-# (the command picks: `bot serve|worker|stub|alertsink`), plus two targets built from the same
+# (`bot serve|worker`, `python -m infra.stub`, `python -m infra.alertsink serve`), plus two targets built from the same
 # layers: `exporters` (Debian's NGINX/Redis exporters and mtail, the binaries `make up` runs)
 # and `loadtest` (locust). compose.yaml builds all three; docs/containers.md explains them.
 

@@ -5,21 +5,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCENARIO ?= steady
-# Debian packages the stack and its tests use (installed when running as root).
-APT_PACKAGES := nginx-light redis-server rabbitmq-server prometheus prometheus-alertmanager \
-	prometheus-nginx-exporter prometheus-redis-exporter mtail wrk docker-compose
+# Debian packages the stack and its tests use (installed when running as root). python3-venv
+# first: stock Debian cannot create the venv without it; curl: the README's first request.
+APT_PACKAGES := python3-venv curl nginx-light redis-server rabbitmq-server prometheus \
+	prometheus-alertmanager prometheus-nginx-exporter prometheus-redis-exporter mtail wrk \
+	docker-compose
 
 .PHONY: install system-deps up down status test lint typecheck unit loadtest bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The Debian packages come first (order-only): the venv needs python3-venv.
+$(STAMP): pyproject.toml constraints.txt | system-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,load]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,load,runner]'
 	touch $(STAMP)
 
-install: $(STAMP) system-deps
+install: system-deps $(STAMP)
 
-# Installs only what is missing; needs root (CI and a fresh machine run as root).
+# Installs only what is missing; needs root (CI and a fresh machine run as root). Anyone else
+# with packages missing gets one line naming them, and make stops.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
@@ -28,7 +32,8 @@ system-deps:
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing:$$missing"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-		else echo "missing Debian packages (run as root to install):$$missing"; fi; \
+		else echo "make: missing Debian packages:$$missing (as root: apt-get install$$missing)" >&2; \
+			exit 1; fi; \
 	fi
 
 up: install

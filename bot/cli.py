@@ -1,4 +1,8 @@
-"""`bot serve | stub | worker | dlq ...`: the console script."""
+"""`bot serve | worker | dlq ...`: the console script.
+
+The stack's tooling has entry points of its own (`python -m infra.stub`, `python -m
+infra.alertsink`), so the package imports nothing from `infra`.
+"""
 
 from __future__ import annotations
 
@@ -48,42 +52,6 @@ def _dlq(args: argparse.Namespace) -> int:
     return dlq.run(_settings(), args)
 
 
-def _stub(args: argparse.Namespace) -> int:
-    settings = _settings()
-    from infra.stub import run
-
-    run(args.port or settings.stub_port, host=args.host, latency_ms=args.latency_ms)
-    return 0
-
-
-def _alertsink(args: argparse.Namespace) -> int:
-    settings = _settings()
-    bot_logging.configure(settings.log_format, settings.log_level, service="alertsink")
-    from infra.alertsink import run
-
-    run(args.port or settings.alertsink_port, host=args.host)
-    return 0
-
-
-def _alerts(args: argparse.Namespace) -> int:
-    """Print the alerts the local sink received (Alertmanager's webhook receiver)."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    from infra.alertsink import format_alerts
-
-    url = f"http://127.0.0.1:{_settings().alertsink_port}/alerts"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            alerts = json.loads(resp.read())["alerts"][-args.last :]
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"bot: the alert sink at {url} does not answer ({exc}); is the stack up?")
-        return 1
-    print(json.dumps(alerts, indent=2) if args.json else format_alerts(alerts))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bot", description="The resilient bot stack.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,22 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     from bot.retries.dlq import add_parser as add_dlq_parser
 
     add_dlq_parser(sub, _dlq)
-
-    stub = sub.add_parser("stub", help="run the upstream stub (a fake external API)")
-    stub.add_argument("--port", type=int, help="override BOT_STUB_PORT")
-    stub.add_argument("--host", default="127.0.0.1")
-    stub.add_argument("--latency-ms", type=int, default=300)
-    stub.set_defaults(func=_stub)
-
-    sink = sub.add_parser("alertsink", help="run the local alert sink (Alertmanager webhook)")
-    sink.add_argument("--port", type=int, help="override BOT_ALERTMANAGER_PORT + 1")
-    sink.add_argument("--host", default="127.0.0.1")
-    sink.set_defaults(func=_alertsink)
-
-    alerts = sub.add_parser("alerts", help="print the last alerts Alertmanager sent the sink")
-    alerts.add_argument("--last", type=int, default=50, help="how many (default 50)")
-    alerts.add_argument("--json", action="store_true", help="raw JSON")
-    alerts.set_defaults(func=_alerts)
     return parser
 
 

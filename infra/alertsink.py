@@ -2,19 +2,28 @@
 
 `POST /alerts` takes Alertmanager's webhook payload, logs one `alert_received` event per
 alert and keeps the last `KEEP` of them in memory; `GET /alerts` returns them, newest last
-(what `bot alerts` prints). It pages no one: it lets an operator (and the tests) see that an
-alert went all the way from a rule through Alertmanager.
+(what `python -m infra.alertsink show` prints). It pages no one: it lets an operator (and the
+tests) see that an alert went all the way from a rule through Alertmanager.
+
+    python -m infra.alertsink serve [--port BOT_ALERTMANAGER_PORT + 1] [--host 127.0.0.1]
+    python -m infra.alertsink show [--last 50] [--json]
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import json
+import urllib.error
+import urllib.request
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from bot import logging as bot_logging
 from bot.logging import get_logger
+from infra.common import settings_or_exit
 
 KEEP = 200
 ALERTS: web.AppKey[collections.deque[dict[str, Any]]] = web.AppKey("alerts")
@@ -100,3 +109,43 @@ def format_alerts(alerts: list[dict[str, Any]]) -> str:
             f"{a['alertname']:<22} {extra}  {a['summary']}"
         )
     return "\n".join(lines)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = settings_or_exit("infra.alertsink")
+    bot_logging.configure(settings.log_format, settings.log_level, service="alertsink")
+    run(args.port or settings.alertsink_port, host=args.host)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    """Print the alerts the running sink received (Alertmanager's webhook receiver)."""
+    url = f"http://127.0.0.1:{settings_or_exit('infra.alertsink').alertsink_port}/alerts"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            alerts = json.loads(resp.read())["alerts"][-args.last :]
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"alertsink: the alert sink at {url} does not answer ({exc}); is the stack up?")
+        return 1
+    print(json.dumps(alerts, indent=2) if args.json else format_alerts(alerts))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infra.alertsink", description="the local alert sink")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the sink (Alertmanager's webhook receiver)")
+    serve.add_argument("--port", type=int, help="override BOT_ALERTMANAGER_PORT + 1")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.set_defaults(func=_serve)
+    show = sub.add_parser("show", help="print the last alerts Alertmanager sent the sink")
+    show.add_argument("--last", type=int, default=50, help="how many (default 50)")
+    show.add_argument("--json", action="store_true", help="raw JSON")
+    show.set_defaults(func=_show)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,7 +26,9 @@ import yaml
 
 from bot.settings import Settings, SettingsError, load_settings, merged_environ
 from infra import observability
-from infra.runner import ROOT, Paths, render_nginx
+from infra.common import ROOT, Paths
+from infra.nginxconf import render_nginx
+from infra.programs import RABBITMQ_PROMETHEUS_PORT
 
 # Where the rendered files live in every container that reads them (a named volume).
 CONFIG_DIR = Path("/srv/bot-config")
@@ -53,7 +55,7 @@ def target_hosts(settings: Settings) -> dict[int, str]:
         settings.nginx_exporter_port: service_host("nginx-exporter"),
         settings.mtail_port: "nginx-log",
         settings.redis_exporter_port: "redis-exporter",
-        observability.RABBITMQ_PROMETHEUS_PORT: "rabbitmq",
+        RABBITMQ_PROMETHEUS_PORT: "rabbitmq",
         settings.prometheus_port: "prometheus",
         settings.alertmanager_port: "alertmanager",
     }

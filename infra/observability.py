@@ -1,34 +1,30 @@
 """Prometheus, Alertmanager, the local alert sink and the exporters, for the native runner.
 
-`programs()` renders Prometheus's and Alertmanager's configs from their one template each
-into the run directory, writes the file-based service-discovery files (``targets/<job>.json``)
-for `BOT_REPLICAS` replicas, the worker and the exporters, copies the rule files (a test may
-rewrite its copy and send SIGHUP), and returns the processes to supervise. Off with
-``BOT_OBSERVABILITY=false`` (the tests' default: most stacks need none of it).
+`observability_programs()` renders Prometheus's and Alertmanager's configs from their one
+template each into the run directory, writes the file-based service-discovery files
+(``targets/<job>.json``) for `BOT_REPLICAS` replicas, the worker and the exporters, copies the
+rule files (a test may rewrite its copy and send SIGHUP), and returns the processes to
+supervise. Off with ``BOT_OBSERVABILITY=false`` (the tests' default: most stacks need none of
+it). `wait_targets_loaded` lets `make up` print its URLs only once Prometheus lists them.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from bot.settings import Settings
-from infra.runner import (
-    ROOT,
-    Paths,
-    Program,
-    _answers,
-    bot_command,
-    render_template,
-)
+from infra.common import ROOT, Paths, answers, port_free, render_template
+from infra.programs import RABBITMQ_PROMETHEUS_PORT, Program, module_command
 
 PROMETHEUS_DIR = ROOT / "prometheus"
 ALERTMANAGER_DIR = ROOT / "alertmanager"
-# Port of RabbitMQ's rabbitmq_prometheus plugin (its default; a broker has one).
-RABBITMQ_PROMETHEUS_PORT = 15692
 
 
 def rabbitmq_metrics_target(settings: Settings) -> str | None:
@@ -40,10 +36,11 @@ def rabbitmq_metrics_target(settings: Settings) -> str | None:
     """
     amqp = urlparse(settings.amqp_url)
     host = amqp.hostname or "127.0.0.1"
-    own_broker = not _answers(host, amqp.port or 5672)
-    if own_broker or _answers(host, RABBITMQ_PROMETHEUS_PORT):
-        return f"{host}:{RABBITMQ_PROMETHEUS_PORT}"
-    return None
+    if answers(host, amqp.port or 5672):  # a reused broker
+        plugin = answers(host, RABBITMQ_PROMETHEUS_PORT)
+    else:  # ours: its plugin takes the port unless another process holds it already
+        plugin = port_free(RABBITMQ_PROMETHEUS_PORT)
+    return f"{host}:{RABBITMQ_PROMETHEUS_PORT}" if plugin else None
 
 
 def has_worker() -> bool:
@@ -119,7 +116,7 @@ def render_alertmanager(settings: Settings, sink_url: str) -> str:
 def write_config(settings: Settings, paths: Paths) -> Path:
     """Render everything Prometheus and Alertmanager read into ``<run>/prometheus``."""
     base = paths.run / "prometheus"
-    targets, rules = base / "targets", base / "rules"
+    targets, rules = targets_dir(paths), base / "rules"
     for d in (targets, rules, base / "data", paths.run / "alertmanager"):
         d.mkdir(parents=True, exist_ok=True)
     for job, groups in scrape_targets(settings).items():
@@ -135,11 +132,43 @@ def write_config(settings: Settings, paths: Paths) -> Path:
     return base
 
 
+def targets_dir(paths: Paths) -> Path:
+    """Where `write_config` puts the file-SD target files Prometheus reads."""
+    return paths.run / "prometheus" / "targets"
+
+
+def targets_loaded(settings: Settings, paths: Paths) -> bool:
+    """Whether Prometheus's /api/v1/targets lists every target of our file-SD files."""
+    expected = {
+        target
+        for path in targets_dir(paths).glob("*.json")
+        for group in json.loads(path.read_text())
+        for target in group["targets"]
+    }
+    url = f"http://127.0.0.1:{settings.prometheus_port}/api/v1/targets?state=active"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            active = json.loads(resp.read())["data"]["activeTargets"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return False
+    return expected <= {t.get("labels", {}).get("instance") for t in active}
+
+
+def wait_targets_loaded(settings: Settings, paths: Paths, timeout: float) -> bool:
+    """Wait until Prometheus lists its targets (it reads file-SD a few seconds after start)."""
+    deadline = time.monotonic() + timeout
+    while not targets_loaded(settings, paths):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
 def _exe(name: str) -> str:
     return shutil.which(name) or f"/usr/bin/{name}"
 
 
-def programs(settings: Settings, paths: Paths) -> list[Program]:
+def observability_programs(settings: Settings, paths: Paths, env: dict[str, str]) -> list[Program]:
     """The observability processes for these settings (none when it is switched off)."""
     if not settings.observability:
         return []
@@ -176,7 +205,7 @@ def programs(settings: Settings, paths: Paths) -> list[Program]:
         ),
         Program(
             "alertsink",
-            bot_command("alertsink"),
+            module_command("infra.alertsink", "serve"),
             settings.alertsink_port,
             priority=930,
             ready_url=f"http://127.0.0.1:{settings.alertsink_port}/healthz",

@@ -1,5 +1,7 @@
 """The upstream stub: a fake external API with fault injection (contract: port 8099).
 
+    python -m infra.stub [--port BOT_STUB_PORT] [--host 127.0.0.1] [--latency-ms 300]
+
 `GET /answer?q=` (or `POST /answer` with `{"q", "context"}`, or the OpenAI-compatible
 `POST /v1/chat/completions`) answers after `latency_ms`;
 `POST /admin/faults` sets `error_rate`, `latency_ms` and `outage`; `GET /admin/stats` counts
@@ -10,6 +12,7 @@ the context it was given (so a test sees whose conversation an answer was comput
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import random
@@ -20,6 +23,8 @@ from typing import Any
 import orjson
 import uvloop
 from aiohttp import web
+
+from infra.common import settings_or_exit
 
 FAULTS = web.AppKey("faults", dict)
 STATS = web.AppKey("stats", dict)
@@ -169,3 +174,22 @@ def run(port: int, host: str = "127.0.0.1", latency_ms: int = 300) -> None:
     """Serve the stub until interrupted."""
     uvloop.install()
     web.run_app(create_stub_app(latency_ms), host=host, port=port, access_log=None, print=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infra.stub", description="the upstream stub")
+    parser.add_argument("--port", type=int, help="override BOT_STUB_PORT")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--latency-ms", type=int, default=300)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    port = args.port or settings_or_exit("infra.stub").stub_port
+    run(port, host=args.host, latency_ms=args.latency_ms)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,6 @@ keeps durable queues and persistent messages across `restart`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -15,13 +14,8 @@ import socket
 import subprocess
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import aio_pika
-
-from bot.retries.topology import Topology, delete
-from bot.settings import Settings
 from tests.support import free_port
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -96,19 +90,3 @@ class PrivateRabbit:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
-def drop_queues(settings: Settings) -> None:
-    """Delete a stack's retry queues (its own `BOT_QUEUE_PREFIX`) once the stack is down, so
-    test runs leave nothing behind on a shared broker. Best effort: a broker that is gone
-    has nothing to clean."""
-
-    async def drop() -> None:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=3)
-        async with connection:
-            channel = await connection.channel()
-            await delete(channel, settings.queue_prefix, Topology.from_settings(settings).levels)
-
-    # In a thread of its own: the caller may be running an event loop (an async test).
-    with contextlib.suppress(Exception), ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, drop()).result(timeout=30)

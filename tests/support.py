@@ -28,7 +28,10 @@ import redis
 import requests
 
 from bot.settings import load_settings
-from infra import runner
+from infra import common, runner
+from infra.common import Paths, drop_queues
+from infra.common import free_port as free_port  # the tests take it from here
+from infra.supervise import supervisorctl
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -88,32 +91,6 @@ def release_redis_db(db: int, owner: str) -> None:
     locks.delete(_lock_key(db))
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_port_block(size: int = 300) -> int:
-    """A base port whose `size` following ports are all free."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - size, 10)
-        if all(_free(base + i) for i in range(0, size)):
-            return base
-    raise RuntimeError("no free port block")
-
-
 def unique(prefix: str = "u") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
@@ -139,8 +116,8 @@ class Stack:
         return f"http://127.0.0.1:{self.env['BOT_STUB_PORT']}"
 
     @property
-    def paths(self) -> runner.Paths:
-        return runner.Paths(self.run_dir)
+    def paths(self) -> Paths:
+        return Paths(self.run_dir)
 
     def replica_url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.settings.replica_port(i)}"
@@ -163,19 +140,17 @@ class Stack:
 
     def _process_env(self) -> dict[str, str]:
         env = {**os.environ, **self.env}
-        env["PATH"] = f"{runner.VENV_BIN}:{env.get('PATH', '')}"
+        env["PATH"] = f"{common.VENV_BIN}:{env.get('PATH', '')}"
         env["BOT_DOTENV"] = "/dev/null"
         return env
 
     def stop(self) -> None:
         """Stop every process, then delete the stack's retry queues (its own prefix)."""
         runner.down(self.paths)
-        from tests.rabbit import drop_queues  # it imports this module
-
         drop_queues(self.settings)
 
     def ctl(self, *args: str) -> str:
-        return runner._supervisorctl(self.paths, *args).stdout
+        return supervisorctl(self.paths, *args).stdout
 
     def pid(self, name: str) -> int:
         out = self.ctl("pid", name).strip()
@@ -240,26 +215,7 @@ def stack_dir(prefix: str = "bot-stack-") -> Iterator[Path]:
 
 def stack_env(db: int, **overrides: str) -> dict[str, str]:
     """Settings for a private stack on free ports, using Redis DB `db`."""
-    base = free_port_block()
-    env = {
-        "BOT_PUBLIC_PORT": str(base),
-        "BOT_PORT_BASE": str(base + 1),
-        "BOT_METRICS_PORT_BASE": str(base + 100),
-        "BOT_WORKER_METRICS_PORT": str(base + 200),
-        "BOT_STUB_PORT": str(base + 201),
-        "BOT_PROMETHEUS_PORT": str(base + 202),
-        "BOT_ALERTMANAGER_PORT": str(base + 203),
-        "UPSTREAM_URL": f"http://127.0.0.1:{base + 201}",
-        "REDIS_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}",
-        "AMQP_URL": AMQP_URL,
-        "BOT_QUEUE_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
-        "BOT_REPLICAS": "3",
-        "LOG_FORMAT": "json",
-        # Prometheus, Alertmanager and the exporters only where a test asks for them.
-        "BOT_OBSERVABILITY": "false",
-    }
-    env.update(overrides)
-    return env
+    return common.stack_env(f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", AMQP_URL, **overrides)
 
 
 @contextlib.contextmanager

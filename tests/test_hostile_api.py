@@ -28,7 +28,7 @@ from aiohttp import web
 from bot.app import create_app
 from bot.inbox import valid_cursor
 from bot.settings import ApiKey, SettingsError, load_settings, parse_api_keys
-from tests.rabbit import drop_queues
+from infra.common import drop_queues
 from tests.support import AMQP_URL, PrivateRedis, Stack, free_port, post, unique
 
 pytestmark = pytest.mark.system

@@ -28,8 +28,10 @@ import yaml
 from bot import settings as bot_settings
 from bot.cli import build_parser
 from bot.settings import ENV_VARS, Settings, load_settings
-from infra import runner
+from infra import stub
+from infra.common import Paths
 from infra.k8s import rules as k8s_rules
+from infra.nginxconf import render_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "infra" / "k8s"
@@ -456,6 +458,9 @@ def test_container_commands_are_real_cli_commands(overlay: str) -> None:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     commands = set(sub.choices)
     for dep, c in containers(render(overlay)):
+        if c["command"] == ["python", "-m", "infra.stub"]:  # the stack's tool, not `bot`'s
+            assert stub.build_parser().parse_args(c["args"]).host == "0.0.0.0"
+            continue
         assert c["command"] == ["bot"]
         if c["args"][0] not in commands:
             # `bot worker` arrives with the retry worker (issue 6); checked once it exists.
@@ -535,7 +540,7 @@ def test_autoscaler_and_disruption_budgets_select_the_right_pods(overlay: str) -
 def _native_v1_location() -> tuple[dict[str, str], dict[str, str]]:
     """The `location /v1/` block of the native NGINX config, and the server's directives."""
     settings = load_settings({}, dotenv=Path("/nonexistent"))
-    conf = runner.render_nginx(settings, runner.Paths(Path("/tmp/k8s-test")))
+    conf = render_nginx(settings, Paths(Path("/tmp/k8s-test")))
     server = conf[conf.index("server {") :]
     block = server[server.index("location /v1/ {") :]
     block = block[: block.index("}")]
@@ -569,8 +574,8 @@ def test_ingress_carries_the_native_nginx_guard_and_proxy_settings(overlay: str)
         for k, v in ingress["metadata"]["annotations"].items()
     }
     zone = re.search(r"limit_req zone=per_addr burst=(\d+)", "limit_req " + location["limit_req"])
-    rate = re.search(r"rate=(\d+)r/s", runner.render_nginx(
-        load_settings({}, dotenv=Path("/nonexistent")), runner.Paths(Path("/tmp/k8s-test"))
+    rate = re.search(r"rate=(\d+)r/s", render_nginx(
+        load_settings({}, dotenv=Path("/nonexistent")), Paths(Path("/tmp/k8s-test"))
     ))  # fmt: skip
     assert zone and rate
     assert ann["limit-rps"] == rate.group(1)

@@ -14,7 +14,7 @@ import yaml
 
 from bot.settings import load_settings
 from infra import dashboards, observability
-from infra.runner import Paths
+from infra.common import Paths
 from tests.support import run
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@
 One stack for the module (Prometheus and its friends cost seconds to start): every target is
 up, a burst of real traffic gives every *Bot overview* query data, every metric a rule or a
 dashboard names exists, and real faults (a stopped replica, an upstream outage) fire their
-alerts all the way to the local sink and `bot alerts`.
+alerts all the way to the local sink and `python -m infra.alertsink show`.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def test_stopping_a_replica_fires_bot_replica_down_through_alertmanager(obs: Sta
     assert [a["metric"]["replica"] for a in firing] == ["bot-3"]
 
     env = {**os.environ, **obs.env, "BOT_DOTENV": "/dev/null"}
-    shown = run([str(ROOT / ".venv/bin/bot"), "alerts"], env=env)
+    shown = run([str(ROOT / ".venv/bin/python"), "-m", "infra.alertsink", "show"], env=env)
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"firing\s+page\s+BotReplicaDown .*replica=bot-3", shown.stdout), shown.stdout
 
