@@ -5,12 +5,21 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from bot.app import create_app
+from bot.settings import Settings, load_settings
+from infra.stub import FAULTS, STATS, Stats, create_stub_app
+from tests.rabbit import drop_queues
 from tests.support import (
+    AMQP_URL,
     Stack,
     claim_redis_db,
     release_redis_db,
@@ -74,3 +83,67 @@ def make_stack() -> Iterator[Callable[..., Stack]]:
             with contextlib.suppress(Exception):
                 s.stop()
             release_redis_db(db, owner)
+
+
+# In-process layer: the replica's app and the upstream stub served by pytest-aiohttp on this
+# test's event loop, against the real Redis (this run's DB) and RabbitMQ (a queue prefix of the
+# test's own). No NGINX, no processes: for the HTTP contract of one replica.
+
+
+@dataclass
+class Upstream:
+    """The stub upstream (`infra.stub`) served in-process: its URL, counters and faults."""
+
+    server: TestServer
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def stats(self) -> Stats:
+        stats: Stats = self.server.app[STATS]["now"]
+        return stats
+
+    def faults(self, **faults: Any) -> None:
+        self.server.app[FAULTS]["now"] = replace(self.server.app[FAULTS]["now"], **faults)
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
+    return Upstream(await aiohttp_server(create_stub_app(latency_ms=0)))
+
+
+@pytest.fixture
+async def make_app_client(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    redis_url: str,
+    upstream: Upstream,
+) -> AsyncIterator[Callable[..., Awaitable[TestClient[Any, Any]]]]:
+    """Build `create_app(settings)` clients with settings of the test's own (env overrides)."""
+    made: list[Settings] = []
+
+    async def make(**overrides: str) -> TestClient[Any, Any]:
+        env = {
+            "REDIS_URL": redis_url,
+            "AMQP_URL": AMQP_URL,
+            "UPSTREAM_URL": upstream.url,
+            "BOT_QUEUE_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
+            "BOT_RATE_LIMIT": "100/second",
+            "BOT_RATE_BURST": "1000",
+            **overrides,
+        }
+        settings = load_settings(env, dotenv=Path("/dev/null"))
+        made.append(settings)
+        return await aiohttp_client(create_app(settings))
+
+    yield make
+    for settings in made:
+        drop_queues(settings)
+
+
+@pytest.fixture
+async def app_client(
+    make_app_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+) -> TestClient[Any, Any]:
+    """One replica (`create_app`) in-process with the stack's default settings."""
+    return await make_app_client()
