@@ -8,15 +8,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import yaml
+from aiohttp.test_utils import TestClient
 from openapi_core import OpenAPI
 from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
+from structlog.testing import capture_logs
 
 from bot.app import create_app
 from bot.settings import load_settings
@@ -223,9 +225,24 @@ def test_prefs_and_records_survive_a_redis_restart(
         redis.stop()
 
 
-def test_persistence_off_is_logged_once(stack: Stack) -> None:
-    # the machine's shared Redis runs without persistence (`--appendonly no`)
-    assert stack.logs("bot-1").count('"redis_persistence_off"') == 1
+@pytest.mark.parametrize(("appendonly", "warnings"), [(False, 1), (True, 0)])
+async def test_a_replica_warns_once_at_start_when_redis_keeps_nothing_on_disk(
+    make_app_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    tmp_path: Path,
+    appendonly: bool,
+    warnings: int,
+) -> None:
+    """Against a Redis of the test's own, so the machine's persistence setting is no input."""
+    redis = PrivateRedis(tmp_path / "redis", appendonly=appendonly)
+    redis.start()
+    try:
+        with capture_logs() as events:
+            client = await make_app_client(REDIS_URL=redis.url)
+            assert (await client.get("/healthz")).status == 200
+        names = [e["event"] for e in events]
+        assert names.count("redis_persistence_off") == warnings, names
+    finally:
+        redis.stop()
 
 
 def _openapi(stack: Stack) -> OpenAPI:
