@@ -6,21 +6,21 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from bot.app import create_app
 from bot.settings import Settings, load_settings
-from infra.stub import FAULTS, STATS, Stats, create_stub_app
+from infra.stub import create_stub_app
 from tests.rabbit import drop_queues
 from tests.support import (
     AMQP_URL,
+    AppClient,
     Stack,
+    Upstream,
     claim_redis_db,
     release_redis_db,
     reset_redis_db,
@@ -90,24 +90,6 @@ def make_stack() -> Iterator[Callable[..., Stack]]:
 # test's own). No NGINX, no processes: for the HTTP contract of one replica.
 
 
-@dataclass
-class Upstream:
-    """The stub upstream (`infra.stub`) served in-process: its URL, counters and faults."""
-
-    server: TestServer
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-    def stats(self) -> Stats:
-        stats: Stats = self.server.app[STATS]["now"]
-        return stats
-
-    def faults(self, **faults: Any) -> None:
-        self.server.app[FAULTS]["now"] = replace(self.server.app[FAULTS]["now"], **faults)
-
-
 @pytest.fixture
 async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
     return Upstream(await aiohttp_server(create_stub_app(latency_ms=0)))
@@ -115,14 +97,14 @@ async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upst
 
 @pytest.fixture
 async def make_app_client(
-    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
     redis_url: str,
     upstream: Upstream,
-) -> AsyncIterator[Callable[..., Awaitable[TestClient[Any, Any]]]]:
+) -> AsyncIterator[Callable[..., Awaitable[AppClient]]]:
     """Build `create_app(settings)` clients with settings of the test's own (env overrides)."""
     made: list[Settings] = []
 
-    async def make(**overrides: str) -> TestClient[Any, Any]:
+    async def make(**overrides: str) -> AppClient:
         env = {
             "REDIS_URL": redis_url,
             "AMQP_URL": AMQP_URL,
@@ -143,7 +125,7 @@ async def make_app_client(
 
 @pytest.fixture
 async def app_client(
-    make_app_client: Callable[..., Awaitable[TestClient[Any, Any]]],
-) -> TestClient[Any, Any]:
+    make_app_client: Callable[..., Awaitable[AppClient]],
+) -> AppClient:
     """One replica (`create_app`) in-process with the stack's default settings."""
     return await make_app_client()

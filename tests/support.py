@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,17 @@ import orjson
 import psutil
 import redis
 import requests
+from aiohttp.test_utils import TestClient, TestServer
 
 from bot.settings import load_settings
 from infra import runner
+from infra.stub import FAULTS, STATS, Stats
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# A client of the in-process replica (`app_client`, `make_app_client` in conftest).
+AppClient = TestClient[Any, Any]
 
 
 # Set in a claimed DB, so that one left behind by a run that died (its lock in DB 0 expired)
@@ -218,6 +222,24 @@ class Stack:
     def logs(self, name: str) -> str:
         path = self.paths.logs / f"{name}.log"
         return path.read_text() if path.exists() else ""
+
+
+@dataclass
+class Upstream:
+    """The stub upstream (`infra.stub`) served in-process: its URL, counters and faults."""
+
+    server: TestServer
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def stats(self) -> Stats:
+        stats: Stats = self.server.app[STATS]["now"]
+        return stats
+
+    def faults(self, **faults: Any) -> None:
+        self.server.app[FAULTS]["now"] = replace(self.server.app[FAULTS]["now"], **faults)
 
 
 @contextlib.contextmanager

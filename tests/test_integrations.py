@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from aiohttp.test_utils import TestClient
 from openapi_core import OpenAPI
 from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
 from structlog.testing import capture_logs
@@ -23,6 +22,7 @@ from structlog.testing import capture_logs
 from bot.app import create_app
 from bot.settings import load_settings
 from tests.support import (
+    AppClient,
     HoldingProxy,
     PrivateRedis,
     Stack,
@@ -227,7 +227,7 @@ def test_prefs_and_records_survive_a_redis_restart(
 
 @pytest.mark.parametrize(("appendonly", "warnings"), [(False, 1), (True, 0)])
 async def test_a_replica_warns_once_at_start_when_redis_keeps_nothing_on_disk(
-    make_app_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    make_app_client: Callable[..., Awaitable[AppClient]],
     tmp_path: Path,
     appendonly: bool,
     warnings: int,
