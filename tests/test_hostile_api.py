@@ -453,6 +453,22 @@ def test_rotating_user_ids_meets_the_per_key_rate_limit(keyed_stack: Stack) -> N
     assert ttl > 0
 
 
+def test_api_keys_reach_no_log_of_the_stack(keyed_stack: Stack) -> None:
+    """After the keyed tests above sent every key through NGINX: neither NGINX's logs nor a
+    replica's name one, and no replica says it serves without keys."""
+    assert post(
+        keyed_stack.url + "/v1/messages",
+        {"user_id": unique(), "text": "/echo hi"},
+        headers=bearer(KEY_ALL),
+    ).ok
+    time.sleep(1.2)  # NGINX's access log flushes every second
+    logs = "".join(p.read_text(errors="replace") for p in keyed_stack.paths.logs.glob("*.log"))
+    assert "nginx-access" in " ".join(p.name for p in keyed_stack.paths.logs.glob("*.log"))
+    assert "api_keys_unset" not in logs
+    for key in (KEY_ALL, KEY_TG, KEY_FLOOD):
+        assert key not in logs
+
+
 # Item 4: long polls have their own bounds; probes are never shed --------------------------------
 
 
