@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 import requests
+from aiohttp import ClientResponse
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from bot.answers import Answer
 from bot.cache import CachedAnswerer, cache_id, normalise
 from bot.errors import UpstreamUnavailable
-from tests.support import Stack, post, unique
+from tests.support import AppClient, Stack, Upstream, post, unique
 
 
 class CountingUpstream:
@@ -266,31 +267,37 @@ async def test_lock_holder_killed_mid_call_waiters_still_get_an_answer(
     assert elapsed < 1.5 + 1.0 + 1.5 + 1.0  # lock lapse + takeover call + slack
 
 
-@pytest.mark.system
-def test_upstream_outage_serves_a_stale_copy_without_waiting(
-    make_stack: Callable[..., Stack],
+async def test_upstream_outage_serves_a_stale_copy_without_waiting(
+    make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
 ) -> None:
-    stack = quiet(make_stack(BOT_CACHE_TTL="1", **_LIMITS))
-    question = f"is {unique('stale')} still there?"
-    first = post(stack.url + "/v1/messages", {"user_id": unique(), "text": question})
-    assert (first.status_code, first.headers["X-Cache"]) == (200, "MISS")
-    time.sleep(1.1)  # no longer fresh
-    stack.faults(outage=True)
-    stale_before = _metric(stack, "bot_cache_lookups_total", 'result="stale"')
+    """On a replica in-process (no retry worker: only its own calls reach the stub)."""
+    client = await make_app_client(BOT_CACHE_TTL="1", **_LIMITS)
 
-    for _ in range(6):  # through every replica, breaker closed or open
+    async def ask(text: str) -> ClientResponse:
+        return await client.post("/v1/messages", json={"user_id": unique(), "text": text})
+
+    question = f"is {unique('stale')} still there?"
+    first = await ask(question)
+    assert (first.status, first.headers["X-Cache"]) == (200, "MISS")
+    reply = (await first.json())["reply"]
+    await asyncio.sleep(1.1)  # no longer fresh
+    upstream.faults(outage=True)
+    stale_before = lookups("stale")
+
+    for _ in range(6):  # breaker closed, then open
         started = time.monotonic()
-        r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": question})
+        r = await ask(question)
         assert time.monotonic() - started < 0.5  # the timeout is 2 s: nothing waited for it
-        assert (r.status_code, r.headers["X-Cache"]) == (200, "STALE")
-        assert r.json()["cached"] is True and r.json()["reply"] == first.json()["reply"]
-    assert _metric(stack, "bot_cache_lookups_total", 'result="stale"') - stale_before == 6
-    assert stack.stub_stats()["failures"] >= 1  # the outage was real
+        assert (r.status, r.headers["X-Cache"]) == (200, "STALE")
+        body = await r.json()
+        assert body["cached"] is True and body["reply"] == reply
+    assert lookups("stale") - stale_before == 6
+    assert upstream.stats().failures >= 1  # the outage was real
 
     # No copy: the question goes to the retry queue (RabbitMQ is up), it is not refused.
-    never = post(stack.url + "/v1/messages", {"user_id": unique(), "text": unique("new")})
-    assert never.status_code == 202, never.text
-    assert never.json() == {"message_id": never.headers["X-Request-ID"], "status": "queued"}
+    never = await ask(unique("new"))
+    assert never.status == 202, await never.text()
+    assert await never.json() == {"message_id": never.headers["X-Request-ID"], "status": "queued"}
 
 
 @pytest.mark.system
