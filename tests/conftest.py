@@ -6,6 +6,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,9 @@ async def make_app_client(
 
     yield make
     for settings in made:
-        drop_queues(settings)
+        # On the shared broker too: a test may have pointed the app at a proxy it has cut.
+        for url in {settings.amqp_url, AMQP_URL}:
+            drop_queues(replace(settings, amqp_url=url))
 
 
 @pytest.fixture

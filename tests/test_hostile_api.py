@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from bot.app import create_app
 from bot.inbox import valid_cursor
 from bot.settings import ApiKey, SettingsError, load_settings, parse_api_keys
 from tests.rabbit import drop_queues
-from tests.support import AMQP_URL, PrivateRedis, Stack, free_port, post, unique
+from tests.support import AMQP_URL, AppClient, PrivateRedis, Stack, free_port, post, unique
 
 pytestmark = pytest.mark.system
 
@@ -576,41 +576,40 @@ class SeveringProxy:
             s.close()
 
 
-def _dependencies_become(ready_url: str, expected: dict[str, bool]) -> dict[str, bool]:
+async def _dependencies_become(client: AppClient, expected: dict[str, bool]) -> dict[str, bool]:
     """Poll /readyz (always 200) until it reports `expected`; what it reported last."""
     deadline = time.monotonic() + 20
     while True:
-        r = requests.get(ready_url, timeout=5)
-        assert r.status_code == 200, r.text
-        deps: dict[str, bool] = r.json()["dependencies"]
+        r = await client.get("/readyz")
+        assert r.status == 200, await r.text()
+        deps: dict[str, bool] = (await r.json())["dependencies"]
         if deps == expected or time.monotonic() > deadline:
             return deps
-        time.sleep(0.3)
+        await asyncio.sleep(0.3)
 
 
-def test_readiness_stays_up_while_redis_and_rabbitmq_are_down(
-    make_stack: Callable[..., Stack], tmp_path: Path
+async def test_readiness_stays_up_while_redis_and_rabbitmq_are_down(
+    make_app_client: Callable[..., Awaitable[AppClient]], tmp_path: Path
 ) -> None:
+    """On a replica in-process, its Redis and RabbitMQ behind servers of the test's own."""
     redis = PrivateRedis(tmp_path / "redis", appendonly=False)
     redis.start()
     rabbit = SeveringProxy(5672)
     try:
-        stack = make_stack(
-            REDIS_URL=redis.url,
-            AMQP_URL=f"amqp://guest:guest@127.0.0.1:{rabbit.port}/",
-            BOT_REPLICAS="1",
+        client = await make_app_client(
+            REDIS_URL=redis.url, AMQP_URL=f"amqp://guest:guest@127.0.0.1:{rabbit.port}/"
         )
-        ready = f"{stack.replica_url(1)}/readyz"
         up = {"redis": True, "rabbitmq": True}
-        assert _dependencies_become(ready, up) == up  # connected through the proxy
+        assert await _dependencies_become(client, up) == up  # connected through the proxy
         rabbit.cut()
         redis.stop()
         down = {"redis": False, "rabbitmq": False}
-        assert _dependencies_become(ready, down) == down
-        assert requests.get(f"{stack.replica_url(1)}/healthz", timeout=5).status_code == 200
+        assert await _dependencies_become(client, down) == down
+        assert (await client.get("/healthz")).status == 200
         # ...and it really can take traffic: commands are answered on the local limiter
-        r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/echo still here"})
-        assert r.status_code == 200 and r.json()["reply"] == "still here", r.text
+        body = {"user_id": unique(), "text": "/echo still here"}
+        r = await client.post("/v1/messages", json=body)
+        assert r.status == 200 and (await r.json())["reply"] == "still here", await r.text()
     finally:
         rabbit.cut()
         redis.stop()
