@@ -14,6 +14,7 @@ import requests
 from aiohttp import ClientResponse
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from bot.answers import Answer
 from bot.cache import CachedAnswerer, cache_id, normalise
@@ -300,37 +301,43 @@ async def test_upstream_outage_serves_a_stale_copy_without_waiting(
     assert await never.json() == {"message_id": never.headers["X-Request-ID"], "status": "queued"}
 
 
-@pytest.mark.system
-def test_openai_compatible_upstream_gets_context_as_earlier_messages(
-    make_stack: Callable[..., Stack],
+async def test_openai_compatible_upstream_gets_context_as_earlier_messages(
+    make_app_client: Callable[..., Awaitable[AppClient]],
+    upstream: Upstream,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """On a replica in-process; its structlog events and library log lines are captured."""
     secret = "sk-test-" + unique("key")
-    stack = quiet(
-        make_stack(
+    with capture_logs() as events:
+        client = await make_app_client(
             UPSTREAM_KIND="openai",
             UPSTREAM_MODEL="stub-model",
             UPSTREAM_API_KEY=secret,
             **_LIMITS,
         )
-    )
-    user = unique()
-    first_q, second_q = f"what is {unique('pulsar')}?", f"and {unique('quasar')}?"
-    first = post(stack.url + "/v1/messages", {"user_id": user, "text": first_q})
-    assert first.json()["reply"] == f"[1] You asked: {first_q}"
-    second = post(stack.url + "/v1/messages", {"user_id": user, "text": second_q})
-    assert second.json()["reply"] == f"[2] You asked: {second_q}"
 
-    last = stack.stub_stats()["last"]
-    assert last["model"] == "stub-model"
-    assert last["authorization"] == f"Bearer {secret}"
-    assert last["context"] == [
-        {"role": "user", "content": first_q},
-        {"role": "assistant", "content": first.json()["reply"]},
-    ]
-    # The same faults apply on this route.
-    stack.faults(outage=True)
-    failed = post(stack.url + "/v1/messages", {"user_id": unique(), "text": unique("q")})
-    assert failed.status_code == 202, failed.text  # queued for retry, as on the default route
-    assert failed.json()["status"] == "queued"
-    assert stack.stub_stats()["failures"] >= 1
-    assert all(secret not in stack.logs(f"bot-{i}") for i in (1, 2, 3))
+        async def ask(user: str, text: str) -> ClientResponse:
+            return await client.post("/v1/messages", json={"user_id": user, "text": text})
+
+        user = unique()
+        first_q, second_q = f"what is {unique('pulsar')}?", f"and {unique('quasar')}?"
+        first = await (await ask(user, first_q)).json()
+        assert first["reply"] == f"[1] You asked: {first_q}"
+        second = await (await ask(user, second_q)).json()
+        assert second["reply"] == f"[2] You asked: {second_q}"
+
+        last = upstream.stats().last
+        assert last["model"] == "stub-model"
+        assert last["authorization"] == f"Bearer {secret}"
+        assert last["context"] == [
+            {"role": "user", "content": first_q},
+            {"role": "assistant", "content": first["reply"]},
+        ]
+        # The same faults apply on this route.
+        upstream.faults(outage=True)
+        failed = await ask(unique(), unique("q"))
+        assert failed.status == 202, await failed.text()  # queued for retry, as by default
+        assert (await failed.json())["status"] == "queued"
+        assert upstream.stats().failures >= 1
+    assert events  # the capture saw the replica's events (e.g. the failed call)
+    assert secret not in repr(events) and secret not in caplog.text
