@@ -213,11 +213,15 @@ class Stack:
         self.faults(error_rate=0.0, latency_ms=int(self.extra.get("latency_ms", 300)), outage=False)
 
     def access_log(self) -> list[dict[str, Any]]:
-        """NGINX's JSON access log (flushed every second)."""
+        """NGINX's JSON access log (flushed every second).
+
+        `escape=json` leaves bytes above 0x7f as they came (a hostile client's raw bytes in
+        the target): they are read as U+FFFD, so one such line cannot hide all the others."""
         path = self.paths.logs / "nginx-access.log"
         if not path.exists():
             return []
-        return [orjson.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text(errors="replace")
+        return [orjson.loads(line) for line in text.splitlines() if line.strip()]
 
     def logs(self, name: str) -> str:
         path = self.paths.logs / f"{name}.log"
