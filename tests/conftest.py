@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,34 +96,54 @@ async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upst
     return Upstream(await aiohttp_server(create_stub_app(latency_ms=0)))
 
 
+@pytest.fixture(scope="session")
+def app_queues() -> Iterator[list[Settings]]:
+    """The settings of every in-process app of the run, whose retry queues are deleted once
+    at its end. The apps share one queue prefix: each declares the existing queues again,
+    instead of RabbitMQ creating and deleting a set of quorum queues for every test (which,
+    at the layer's pace, wedged the shared broker)."""
+    made: list[Settings] = []
+    yield made
+    dropped = set()
+    for settings in made:
+        # On the shared broker: a test may have pointed its app at a proxy it has since cut.
+        shared = replace(settings, amqp_url=AMQP_URL)
+        key = (shared.queue_prefix, shared.retry_base_delay, shared.retry_max_delay)
+        if key not in dropped:
+            dropped.add(key)
+            drop_queues(shared)
+
+
+@pytest.fixture(scope="session")
+def app_queue_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
 @pytest.fixture
 async def make_app_client(
     aiohttp_client: Callable[..., Awaitable[AppClient]],
     redis_url: str,
     upstream: Upstream,
-) -> AsyncIterator[Callable[..., Awaitable[AppClient]]]:
+    app_queues: list[Settings],
+    app_queue_prefix: str,
+) -> Callable[..., Awaitable[AppClient]]:
     """Build `create_app(settings)` clients with settings of the test's own (env overrides)."""
-    made: list[Settings] = []
 
     async def make(**overrides: str) -> AppClient:
         env = {
             "REDIS_URL": redis_url,
             "AMQP_URL": AMQP_URL,
             "UPSTREAM_URL": upstream.url,
-            "BOT_QUEUE_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
+            "BOT_QUEUE_PREFIX": app_queue_prefix,
             "BOT_RATE_LIMIT": "100/second",
             "BOT_RATE_BURST": "1000",
             **overrides,
         }
         settings = load_settings(env, dotenv=Path("/dev/null"))
-        made.append(settings)
+        app_queues.append(settings)
         return await aiohttp_client(create_app(settings))
 
-    yield make
-    for settings in made:
-        # On the shared broker too: a test may have pointed the app at a proxy it has cut.
-        for url in {settings.amqp_url, AMQP_URL}:
-            drop_queues(replace(settings, amqp_url=url))
+    return make
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import psutil
 import pytest
 import requests
 from aiohttp import web
+from yarl import URL
 
 from bot.app import create_app
 from bot.inbox import valid_cursor
@@ -594,7 +595,7 @@ async def test_readiness_stays_up_while_redis_and_rabbitmq_are_down(
     """On a replica in-process, its Redis and RabbitMQ behind servers of the test's own."""
     redis = PrivateRedis(tmp_path / "redis", appendonly=False)
     redis.start()
-    rabbit = SeveringProxy(5672)
+    rabbit = SeveringProxy(URL(AMQP_URL).port or 5672)
     try:
         client = await make_app_client(
             REDIS_URL=redis.url, AMQP_URL=f"amqp://guest:guest@127.0.0.1:{rabbit.port}/"
