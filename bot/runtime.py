@@ -67,9 +67,8 @@ async def http_client(limit: int) -> AsyncIterator[aiohttp.ClientSession]:
         await session.close()
 
 
-@contextlib.asynccontextmanager
-async def metrics_server(host: str, port: int) -> AsyncIterator[None]:
-    """`/metrics` on a port of its own, so it is never reachable through NGINX."""
+def metrics_app() -> web.Application:
+    """The `/metrics` endpoint alone."""
 
     async def serve(_: web.Request) -> web.Response:
         body, content_type = metrics.render()
@@ -77,7 +76,13 @@ async def metrics_server(host: str, port: int) -> AsyncIterator[None]:
 
     app = web.Application()
     app.router.add_get("/metrics", serve)
-    runner = web.AppRunner(app, access_log=None)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def metrics_server(host: str, port: int) -> AsyncIterator[None]:
+    """`/metrics` on a port of its own, so it is never reachable through NGINX."""
+    runner = web.AppRunner(metrics_app(), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()

@@ -5,13 +5,23 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from bot.app import create_app
+from bot.settings import Settings, load_settings
+from infra.common import drop_queues
+from infra.stub import create_stub_app
 from tests.support import (
+    AMQP_URL,
+    AppClient,
     Stack,
+    Upstream,
     claim_redis_db,
     release_redis_db,
     reset_redis_db,
@@ -74,3 +84,71 @@ def make_stack() -> Iterator[Callable[..., Stack]]:
             with contextlib.suppress(Exception):
                 s.stop()
             release_redis_db(db, owner)
+
+
+# In-process layer: the replica's app and the upstream stub served by pytest-aiohttp on this
+# test's event loop, against the real Redis (this run's DB) and RabbitMQ (a queue prefix of the
+# test's own). No NGINX, no processes: for the HTTP contract of one replica.
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
+    return Upstream(await aiohttp_server(create_stub_app(latency_ms=0)))
+
+
+@pytest.fixture(scope="session")
+def app_queues() -> Iterator[list[Settings]]:
+    """The settings of every in-process app of the run, whose retry queues are deleted once
+    at its end. The apps share one queue prefix: each declares the existing queues again,
+    instead of RabbitMQ creating and deleting a set of quorum queues for every test (which,
+    at the layer's pace, wedged the shared broker)."""
+    made: list[Settings] = []
+    yield made
+    dropped = set()
+    for settings in made:
+        # On the shared broker: a test may have pointed its app at a proxy it has since cut.
+        shared = replace(settings, amqp_url=AMQP_URL)
+        key = (shared.queue_prefix, shared.retry_base_delay, shared.retry_max_delay)
+        if key not in dropped:
+            dropped.add(key)
+            drop_queues(shared)
+
+
+@pytest.fixture(scope="session")
+def app_queue_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def make_app_client(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    redis_url: str,
+    upstream: Upstream,
+    app_queues: list[Settings],
+    app_queue_prefix: str,
+) -> Callable[..., Awaitable[AppClient]]:
+    """Build `create_app(settings)` clients with settings of the test's own (env overrides)."""
+
+    async def make(**overrides: str) -> AppClient:
+        env = {
+            "REDIS_URL": redis_url,
+            "AMQP_URL": AMQP_URL,
+            "UPSTREAM_URL": upstream.url,
+            "BOT_QUEUE_PREFIX": app_queue_prefix,
+            "BOT_RATE_LIMIT": "100/second",
+            "BOT_RATE_BURST": "1000",
+            **overrides,
+        }
+        settings = load_settings(env, dotenv=Path("/dev/null"))
+        app_queues.append(settings)
+        return await aiohttp_client(create_app(settings))
+
+    return make
+
+
+@pytest.fixture
+async def app_client(
+    make_app_client: Callable[..., Awaitable[AppClient]],
+) -> AppClient:
+    """One replica (`create_app`) in-process with the stack's default settings."""
+    return await make_app_client()

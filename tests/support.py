@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,20 @@ import orjson
 import psutil
 import redis
 import requests
+from aiohttp.test_utils import TestClient, TestServer
 
 from bot.settings import load_settings
 from infra import common, runner
 from infra.common import Paths, drop_queues
 from infra.common import free_port as free_port  # the tests take it from here
+from infra.stub import FAULTS, STATS, Stats
 from infra.supervise import supervisorctl
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# A client of the in-process replica (`app_client`, `make_app_client` in conftest).
+AppClient = TestClient[Any, Any]
 
 
 # Set in a claimed DB, so that one left behind by a run that died (its lock in DB 0 expired)
@@ -184,7 +188,10 @@ class Stack:
         self.faults(error_rate=0.0, latency_ms=int(self.extra.get("latency_ms", 300)), outage=False)
 
     def access_log(self) -> list[dict[str, Any]]:
-        """NGINX's JSON access log (flushed every second)."""
+        """NGINX's JSON access log (flushed every second).
+
+        `escape=json` leaves bytes above 0x7f as they came (a hostile client's raw bytes in
+        the target): they are read as U+FFFD, so one such line cannot hide all the others."""
         path = self.paths.logs / "nginx-access.log"
         if not path.exists():
             return []
@@ -196,6 +203,24 @@ class Stack:
     def logs(self, name: str) -> str:
         path = self.paths.logs / f"{name}.log"
         return path.read_text() if path.exists() else ""
+
+
+@dataclass
+class Upstream:
+    """The stub upstream (`infra.stub`) served in-process: its URL, counters and faults."""
+
+    server: TestServer
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def stats(self) -> Stats:
+        stats: Stats = self.server.app[STATS]["now"]
+        return stats
+
+    def faults(self, **faults: Any) -> None:
+        self.server.app[FAULTS]["now"] = replace(self.server.app[FAULTS]["now"], **faults)
 
 
 @contextlib.contextmanager

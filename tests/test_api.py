@@ -1,17 +1,19 @@
-"""The public API through a real NGINX and real replicas (the shared 3-replica stack)."""
+"""The public API's contract on one replica in-process (`app_client`: `create_app` against the
+real Redis and RabbitMQ, the stub upstream in-process); what needs NGINX in front of three
+replicas uses the shared stack (marked `system`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import aiohttp
+import orjson
 import pytest
-import requests
 
-from tests.support import Stack, post, unique
-
-pytestmark = pytest.mark.system
+from bot.runtime import metrics_app
+from tests.support import AppClient, Stack, Upstream, unique
 
 GOOD = {"user_id": "u-good", "text": "/echo still fine"}
 
@@ -116,25 +118,31 @@ BAD_INPUT = [
 ]
 
 
+async def say(client: AppClient, body: dict[str, Any], **headers: str) -> tuple[int, Any, Any]:
+    """POST a message; the status, the JSON body and the headers."""
+    async with client.post("/v1/messages", data=orjson.dumps(body), headers={
+        "Content-Type": "application/json", **headers}) as r:  # fmt: skip
+        return r.status, await r.json(), r.headers
+
+
 @pytest.mark.parametrize(
     ("name", "body", "ctype", "status", "code"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT]
 )
-def test_bad_input_gets_json_4xx_and_next_request_works(
-    stack: Stack, name: str, body: bytes, ctype: str, status: int, code: str | None
+async def test_bad_input_gets_json_4xx_and_next_request_works(
+    app_client: AppClient, name: str, body: bytes, ctype: str, status: int, code: str | None
 ) -> None:
-    r = requests.post(
-        stack.url + "/v1/messages", data=body, headers={"Content-Type": ctype}, timeout=10
-    )
-    assert r.status_code == status, r.text
+    r = await app_client.post("/v1/messages", data=body, headers={"Content-Type": ctype})
+    text = await r.text()
+    assert r.status == status, text
     assert r.headers["Content-Type"].startswith("application/json")
-    err = r.json()["error"]
+    err = json.loads(text)["error"]
     assert err["message"]
     if code:
         assert err["code"] == code
-    assert "Traceback" not in r.text
-    ok = post(stack.url + "/v1/messages", {**GOOD, "user_id": unique()})
-    assert ok.status_code == 200
-    assert ok.json()["reply"] == "still fine"
+    assert "Traceback" not in text
+    ok_status, ok, _ = await say(app_client, {**GOOD, "user_id": unique()})
+    assert ok_status == 200
+    assert ok["reply"] == "still fine"
 
 
 @pytest.mark.parametrize(
@@ -147,74 +155,75 @@ def test_bad_input_gets_json_4xx_and_next_request_works(
         ("DELETE", "/v1/messages", 405),
     ],
 )
-def test_unknown_routes_and_methods_are_json(
-    stack: Stack, method: str, path: str, status: int
+async def test_unknown_routes_and_methods_are_json(
+    app_client: AppClient, method: str, path: str, status: int
 ) -> None:
-    r = requests.request(method, stack.url + path, timeout=10)
-    assert r.status_code == status
-    assert r.json()["error"]["code"]
+    r = await app_client.request(method, path)
+    assert r.status == status
+    assert (await r.json())["error"]["code"]
 
 
-def test_commands(stack: Stack) -> None:
+async def test_commands(app_client: AppClient) -> None:
     user = unique()
 
-    def say(text: str) -> str:
-        r = post(stack.url + "/v1/messages", {"user_id": user, "text": text})
-        assert r.status_code == 200, r.text
-        body = r.json()
+    async def reply(text: str) -> str:
+        status, body, _ = await say(app_client, {"user_id": user, "text": text})
+        assert status == 200, body
         assert body["status"] == "replied" and body["cached"] is False
         return str(body["reply"])
 
-    assert "/prefs set" in say("/help")
-    assert say("/echo  hello   world ") == "hello   world"
-    assert say("/prefs") == "You have no preferences set."
-    assert say("/prefs set lang en gb") == "lang = en gb"
-    assert say("/prefs get lang") == "lang = en gb"
-    assert say("/prefs get color") == "color is not set."
-    assert say("/prefs") == "lang = en gb"
-    assert say("/prefs del lang") == "lang removed."
-    assert say("/prefs") == "You have no preferences set."
+    assert "/prefs set" in await reply("/help")
+    assert await reply("/echo  hello   world ") == "hello   world"
+    assert await reply("/prefs") == "You have no preferences set."
+    assert await reply("/prefs set lang en gb") == "lang = en gb"
+    assert await reply("/prefs get lang") == "lang = en gb"
+    assert await reply("/prefs get color") == "color is not set."
+    assert await reply("/prefs") == "lang = en gb"
+    assert await reply("/prefs del lang") == "lang removed."
+    assert await reply("/prefs") == "You have no preferences set."
 
 
-def test_questions_go_upstream_with_context(stack: Stack) -> None:
+async def test_questions_go_upstream_with_context(
+    app_client: AppClient, upstream: Upstream
+) -> None:
     user = unique()
     for i in range(12):
-        r = post(stack.url + "/v1/messages", {"user_id": user, "text": f"/echo m{i}"})
-        assert r.status_code == 200
+        status, _, _ = await say(app_client, {"user_id": user, "text": f"/echo m{i}"})
+        assert status == 200
     q = f"what is a pulsar {unique()}?"
-    r = post(stack.url + "/v1/messages", {"user_id": user, "text": q})
-    assert r.status_code == 200, r.text
-    assert q in r.json()["reply"]
-    last = stack.stub_stats()["last"]
+    status, body, _ = await say(app_client, {"user_id": user, "text": q})
+    assert status == 200, body
+    assert q in body["reply"]
+    last = upstream.stats().last
     assert last["q"] == q
     # the last 10 messages, oldest first, never more
     assert [c["q"] for c in last["context"]] == [f"/echo m{i}" for i in range(2, 12)]
     assert last["context"][-1]["a"] == "m11"
 
 
-def test_request_id_is_echoed_and_generated(stack: Stack) -> None:
-    r = post(
-        stack.url + "/v1/messages",
-        {"user_id": unique(), "text": "/help"},
-        headers={"X-Request-ID": "my-req-1"},
+async def test_request_id_is_echoed_and_generated(app_client: AppClient) -> None:
+    _, body, headers = await say(
+        app_client, {"user_id": unique(), "text": "/help"}, **{"X-Request-ID": "my-req-1"}
     )
-    assert r.headers["X-Request-ID"] == "my-req-1"
-    assert r.json()["message_id"] == "my-req-1"
-    r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/help"})
-    assert len(r.headers["X-Request-ID"]) >= 16
+    assert headers["X-Request-ID"] == "my-req-1"
+    assert body["message_id"] == "my-req-1"
+    _, _, headers = await say(app_client, {"user_id": unique(), "text": "/help"})
+    assert len(headers["X-Request-ID"]) >= 16
 
 
-def test_replay_returns_first_body(stack: Stack) -> None:
+async def test_replay_returns_first_body(app_client: AppClient, upstream: Upstream) -> None:
     body = {"user_id": unique(), "text": f"question {unique()}", "message_id": unique("m")}
-    first = post(stack.url + "/v1/messages", body)
-    assert first.status_code == 200 and "Idempotent-Replayed" not in first.headers
-    again = post(stack.url + "/v1/messages", {**body, "text": "something else entirely"})
-    assert again.status_code == 200
-    assert again.headers["Idempotent-Replayed"] == "true"
-    assert again.json() == first.json()
-    assert stack.stub_stats()["last"]["q"] == body["text"]
+    status, first, headers = await say(app_client, body)
+    assert status == 200 and "Idempotent-Replayed" not in headers
+    status, again, headers = await say(app_client, {**body, "text": "something else entirely"})
+    assert status == 200
+    assert headers["Idempotent-Replayed"] == "true"
+    assert again == first
+    assert upstream.stats().last["q"] == body["text"]
+    assert upstream.stats().calls == 1
 
 
+@pytest.mark.system
 async def test_twenty_concurrent_duplicates_are_processed_once(stack: Stack) -> None:
     stack.reset_stub()
     body = {"user_id": unique(), "text": f"q {unique()}", "message_id": unique("m")}
@@ -231,9 +240,9 @@ async def test_twenty_concurrent_duplicates_are_processed_once(stack: Stack) -> 
     assert stack.stub_stats()["calls"] == 1
 
 
-def test_healthz_and_readyz(stack: Stack) -> None:
-    assert requests.get(stack.replica_url(1) + "/healthz", timeout=5).status_code == 200
-    r = requests.get(stack.replica_url(1) + "/readyz", timeout=5)
-    assert r.status_code == 200 and r.json()["dependencies"]["redis"] is True
-    metrics = requests.get(stack.metrics_url(1), timeout=5).text
-    assert 'bot_build_info{version="' in metrics
+async def test_healthz_readyz_and_build_info(app_client: AppClient, aiohttp_client: Any) -> None:
+    assert (await app_client.get("/healthz")).status == 200
+    r = await app_client.get("/readyz")
+    assert r.status == 200 and (await r.json())["dependencies"]["redis"] is True
+    metrics = await (await aiohttp_client(metrics_app())).get("/metrics")
+    assert 'bot_build_info{version="' in await metrics.text()

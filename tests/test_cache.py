@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 import requests
+from aiohttp import ClientResponse
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from bot.answers import Answer
 from bot.cache import CachedAnswerer, cache_id, normalise
 from bot.errors import UpstreamUnavailable
-from tests.support import Stack, post, unique
+from tests.support import AppClient, Stack, Upstream, post, unique
 
 
 class CountingUpstream:
@@ -266,61 +268,76 @@ async def test_lock_holder_killed_mid_call_waiters_still_get_an_answer(
     assert elapsed < 1.5 + 1.0 + 1.5 + 1.0  # lock lapse + takeover call + slack
 
 
-@pytest.mark.system
-def test_upstream_outage_serves_a_stale_copy_without_waiting(
-    make_stack: Callable[..., Stack],
+async def test_upstream_outage_serves_a_stale_copy_without_waiting(
+    make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
 ) -> None:
-    stack = quiet(make_stack(BOT_CACHE_TTL="1", **_LIMITS))
+    """On a replica in-process (no retry worker: only its own calls reach the stub)."""
+    client = await make_app_client(BOT_CACHE_TTL="1", **_LIMITS)
+
+    async def ask(text: str) -> ClientResponse:
+        return await client.post("/v1/messages", json={"user_id": unique(), "text": text})
+
     question = f"is {unique('stale')} still there?"
-    first = post(stack.url + "/v1/messages", {"user_id": unique(), "text": question})
-    assert (first.status_code, first.headers["X-Cache"]) == (200, "MISS")
-    time.sleep(1.1)  # no longer fresh
-    stack.faults(outage=True)
-    stale_before = _metric(stack, "bot_cache_lookups_total", 'result="stale"')
+    first = await ask(question)
+    assert (first.status, first.headers["X-Cache"]) == (200, "MISS")
+    reply = (await first.json())["reply"]
+    await asyncio.sleep(1.1)  # no longer fresh
+    upstream.faults(outage=True)
+    stale_before = lookups("stale")
 
-    for _ in range(6):  # through every replica, breaker closed or open
+    for _ in range(6):  # breaker closed, then open
         started = time.monotonic()
-        r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": question})
+        r = await ask(question)
         assert time.monotonic() - started < 0.5  # the timeout is 2 s: nothing waited for it
-        assert (r.status_code, r.headers["X-Cache"]) == (200, "STALE")
-        assert r.json()["cached"] is True and r.json()["reply"] == first.json()["reply"]
-    assert _metric(stack, "bot_cache_lookups_total", 'result="stale"') - stale_before == 6
-    assert stack.stub_stats()["failures"] >= 1  # the outage was real
+        assert (r.status, r.headers["X-Cache"]) == (200, "STALE")
+        body = await r.json()
+        assert body["cached"] is True and body["reply"] == reply
+    assert lookups("stale") - stale_before == 6
+    assert upstream.stats().failures >= 1  # the outage was real
 
-    never = post(stack.url + "/v1/messages", {"user_id": unique(), "text": unique("new")})
-    assert never.status_code in (202, 503)  # no copy: deferred (queue) or refused
+    # No copy: the question goes to the retry queue (RabbitMQ is up), it is not refused.
+    never = await ask(unique("new"))
+    assert never.status == 202, await never.text()
+    assert await never.json() == {"message_id": never.headers["X-Request-ID"], "status": "queued"}
 
 
-@pytest.mark.system
-def test_openai_compatible_upstream_gets_context_as_earlier_messages(
-    make_stack: Callable[..., Stack],
+async def test_openai_compatible_upstream_gets_context_as_earlier_messages(
+    make_app_client: Callable[..., Awaitable[AppClient]],
+    upstream: Upstream,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """On a replica in-process; its structlog events and library log lines are captured."""
     secret = "sk-test-" + unique("key")
-    stack = quiet(
-        make_stack(
+    with capture_logs() as events:
+        client = await make_app_client(
             UPSTREAM_KIND="openai",
             UPSTREAM_MODEL="stub-model",
             UPSTREAM_API_KEY=secret,
             **_LIMITS,
         )
-    )
-    user = unique()
-    first_q, second_q = f"what is {unique('pulsar')}?", f"and {unique('quasar')}?"
-    first = post(stack.url + "/v1/messages", {"user_id": user, "text": first_q})
-    assert first.json()["reply"] == f"[1] You asked: {first_q}"
-    second = post(stack.url + "/v1/messages", {"user_id": user, "text": second_q})
-    assert second.json()["reply"] == f"[2] You asked: {second_q}"
 
-    last = stack.stub_stats()["last"]
-    assert last["model"] == "stub-model"
-    assert last["authorization"] == f"Bearer {secret}"
-    assert last["context"] == [
-        {"role": "user", "content": first_q},
-        {"role": "assistant", "content": first.json()["reply"]},
-    ]
-    # The same faults apply on this route.
-    stack.faults(outage=True)
-    failed = post(stack.url + "/v1/messages", {"user_id": unique(), "text": unique("q")})
-    assert failed.status_code in (202, 503)
-    assert stack.stub_stats()["failures"] >= 1
-    assert all(secret not in stack.logs(f"bot-{i}") for i in (1, 2, 3))
+        async def ask(user: str, text: str) -> ClientResponse:
+            return await client.post("/v1/messages", json={"user_id": user, "text": text})
+
+        user = unique()
+        first_q, second_q = f"what is {unique('pulsar')}?", f"and {unique('quasar')}?"
+        first = await (await ask(user, first_q)).json()
+        assert first["reply"] == f"[1] You asked: {first_q}"
+        second = await (await ask(user, second_q)).json()
+        assert second["reply"] == f"[2] You asked: {second_q}"
+
+        last = upstream.stats().last
+        assert last["model"] == "stub-model"
+        assert last["authorization"] == f"Bearer {secret}"
+        assert last["context"] == [
+            {"role": "user", "content": first_q},
+            {"role": "assistant", "content": first["reply"]},
+        ]
+        # The same faults apply on this route.
+        upstream.faults(outage=True)
+        failed = await ask(unique(), unique("q"))
+        assert failed.status == 202, await failed.text()  # queued for retry, as by default
+        assert (await failed.json())["status"] == "queued"
+        assert upstream.stats().failures >= 1
+    assert events  # the capture saw the replica's events (e.g. the failed call)
+    assert secret not in repr(events) and secret not in caplog.text

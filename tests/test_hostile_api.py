@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,13 @@ import psutil
 import pytest
 import requests
 from aiohttp import web
+from yarl import URL
 
 from bot.app import create_app
 from bot.inbox import valid_cursor
 from bot.settings import ApiKey, SettingsError, load_settings, parse_api_keys
 from infra.common import drop_queues
-from tests.support import AMQP_URL, PrivateRedis, Stack, free_port, post, unique
+from tests.support import AMQP_URL, AppClient, PrivateRedis, Stack, free_port, post, unique
 
 pytestmark = pytest.mark.system
 
@@ -453,6 +454,22 @@ def test_rotating_user_ids_meets_the_per_key_rate_limit(keyed_stack: Stack) -> N
     assert ttl > 0
 
 
+def test_api_keys_reach_no_log_of_the_stack(keyed_stack: Stack) -> None:
+    """After the keyed tests above sent every key through NGINX: neither NGINX's logs nor a
+    replica's name one, and no replica says it serves without keys."""
+    assert post(
+        keyed_stack.url + "/v1/messages",
+        {"user_id": unique(), "text": "/echo hi"},
+        headers=bearer(KEY_ALL),
+    ).ok
+    time.sleep(1.2)  # NGINX's access log flushes every second
+    logs = "".join(p.read_text(errors="replace") for p in keyed_stack.paths.logs.glob("*.log"))
+    assert "nginx-access" in " ".join(p.name for p in keyed_stack.paths.logs.glob("*.log"))
+    assert "api_keys_unset" not in logs
+    for key in (KEY_ALL, KEY_TG, KEY_FLOOD):
+        assert key not in logs
+
+
 # Item 4: long polls have their own bounds; probes are never shed --------------------------------
 
 
@@ -560,41 +577,40 @@ class SeveringProxy:
             s.close()
 
 
-def _dependencies_become(ready_url: str, expected: dict[str, bool]) -> dict[str, bool]:
+async def _dependencies_become(client: AppClient, expected: dict[str, bool]) -> dict[str, bool]:
     """Poll /readyz (always 200) until it reports `expected`; what it reported last."""
     deadline = time.monotonic() + 20
     while True:
-        r = requests.get(ready_url, timeout=5)
-        assert r.status_code == 200, r.text
-        deps: dict[str, bool] = r.json()["dependencies"]
+        r = await client.get("/readyz")
+        assert r.status == 200, await r.text()
+        deps: dict[str, bool] = (await r.json())["dependencies"]
         if deps == expected or time.monotonic() > deadline:
             return deps
-        time.sleep(0.3)
+        await asyncio.sleep(0.3)
 
 
-def test_readiness_stays_up_while_redis_and_rabbitmq_are_down(
-    make_stack: Callable[..., Stack], tmp_path: Path
+async def test_readiness_stays_up_while_redis_and_rabbitmq_are_down(
+    make_app_client: Callable[..., Awaitable[AppClient]], tmp_path: Path
 ) -> None:
+    """On a replica in-process, its Redis and RabbitMQ behind servers of the test's own."""
     redis = PrivateRedis(tmp_path / "redis", appendonly=False)
     redis.start()
-    rabbit = SeveringProxy(5672)
+    rabbit = SeveringProxy(URL(AMQP_URL).port or 5672)
     try:
-        stack = make_stack(
-            REDIS_URL=redis.url,
-            AMQP_URL=f"amqp://guest:guest@127.0.0.1:{rabbit.port}/",
-            BOT_REPLICAS="1",
+        client = await make_app_client(
+            REDIS_URL=redis.url, AMQP_URL=f"amqp://guest:guest@127.0.0.1:{rabbit.port}/"
         )
-        ready = f"{stack.replica_url(1)}/readyz"
         up = {"redis": True, "rabbitmq": True}
-        assert _dependencies_become(ready, up) == up  # connected through the proxy
+        assert await _dependencies_become(client, up) == up  # connected through the proxy
         rabbit.cut()
         redis.stop()
         down = {"redis": False, "rabbitmq": False}
-        assert _dependencies_become(ready, down) == down
-        assert requests.get(f"{stack.replica_url(1)}/healthz", timeout=5).status_code == 200
+        assert await _dependencies_become(client, down) == down
+        assert (await client.get("/healthz")).status == 200
         # ...and it really can take traffic: commands are answered on the local limiter
-        r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/echo still here"})
-        assert r.status_code == 200 and r.json()["reply"] == "still here", r.text
+        body = {"user_id": unique(), "text": "/echo still here"}
+        r = await client.post("/v1/messages", json=body)
+        assert r.status == 200 and (await r.json())["reply"] == "still here", await r.text()
     finally:
         rabbit.cut()
         redis.stop()

@@ -1,26 +1,32 @@
-"""Integrations: the preferences service, API keys, NGINX resends, the OpenAPI document and
-data that survives a Redis restart."""
+"""Integrations: the preferences service, API keys, data that survives a Redis restart (on the
+in-process replica), NGINX resends and the OpenAPI document (through NGINX)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import requests
 import yaml
+from aiohttp import ClientResponse
 from openapi_core import OpenAPI
 from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
+from structlog.testing import capture_logs
 
 from bot.app import create_app
+from bot.runtime import metrics_app
 from bot.settings import load_settings
 from tests.support import (
+    AppClient,
     HoldingProxy,
     PrivateRedis,
     Stack,
@@ -30,35 +36,40 @@ from tests.support import (
     unique,
 )
 
-pytestmark = pytest.mark.system
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
 
 
-def _prefs_url(stack: Stack, user: str, key: str | None = None) -> str:
-    return f"{stack.url}/v1/users/{user}/prefs" + (f"/{key}" if key else "")
+def _prefs(user: str, key: str | None = None) -> str:
+    return f"/v1/users/{user}/prefs" + (f"/{key}" if key else "")
 
 
-def test_prefs_round_trip(stack: Stack) -> None:
-    user = unique()
-    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {}}
-    r = requests.put(
-        _prefs_url(stack, user), json={"prefs": {"lang": "en", "tz": "UTC"}}, timeout=5
-    )
-    assert r.status_code == 200 and r.json() == {"prefs": {"lang": "en", "tz": "UTC"}}
-    r = requests.put(_prefs_url(stack, user), json={"prefs": {"lang": "fr"}}, timeout=5)
-    assert r.json() == {"prefs": {"lang": "fr", "tz": "UTC"}}  # merged
+async def _json(r: ClientResponse) -> Any:
+    return orjson.loads(await r.read())
+
+
+async def _say(client: AppClient, body: dict[str, Any], **headers: str) -> ClientResponse:
+    return await client.post("/v1/messages", json=body, headers=headers)
+
+
+async def test_prefs_round_trip(app_client: AppClient) -> None:
+    c, user = app_client, unique()
+    assert await _json(await c.get(_prefs(user))) == {"prefs": {}}
+    r = await c.put(_prefs(user), json={"prefs": {"lang": "en", "tz": "UTC"}})
+    assert r.status == 200 and await _json(r) == {"prefs": {"lang": "en", "tz": "UTC"}}
+    r = await c.put(_prefs(user), json={"prefs": {"lang": "fr"}})
+    assert await _json(r) == {"prefs": {"lang": "fr", "tz": "UTC"}}  # merged
     # the chat commands see the same hash
-    say = post(stack.url + "/v1/messages", {"user_id": user, "text": "/prefs get lang"})
-    assert say.json()["reply"] == "lang = fr"
-    assert post(stack.url + "/v1/messages", {"user_id": user, "text": "/prefs del tz"}).ok
-    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {"lang": "fr"}}
-    r = requests.delete(_prefs_url(stack, user, "lang"), timeout=5)
-    assert r.status_code == 204 and not r.content
-    assert requests.delete(_prefs_url(stack, user, "lang"), timeout=5).status_code == 204
-    requests.put(_prefs_url(stack, user), json={"prefs": {"a": "1", "b": "2"}}, timeout=5)
-    assert requests.delete(_prefs_url(stack, user), timeout=5).status_code == 204
-    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {}}
+    say = await _say(c, {"user_id": user, "text": "/prefs get lang"})
+    assert (await _json(say))["reply"] == "lang = fr"
+    assert (await _say(c, {"user_id": user, "text": "/prefs del tz"})).ok
+    assert await _json(await c.get(_prefs(user))) == {"prefs": {"lang": "fr"}}
+    r = await c.delete(_prefs(user, "lang"))
+    assert r.status == 204 and not await r.read()
+    assert (await c.delete(_prefs(user, "lang"))).status == 204
+    await c.put(_prefs(user), json={"prefs": {"a": "1", "b": "2"}})
+    assert (await c.delete(_prefs(user))).status == 204
+    assert await _json(await c.get(_prefs(user))) == {"prefs": {}}
 
 
 BAD_PREFS: list[tuple[str, Any, str, int]] = [
@@ -81,76 +92,83 @@ BAD_PREFS: list[tuple[str, Any, str, int]] = [
 @pytest.mark.parametrize(
     ("name", "body", "ctype", "status"), BAD_PREFS, ids=[b[0] for b in BAD_PREFS]
 )
-def test_bad_prefs_are_refused(stack: Stack, name: str, body: Any, ctype: str, status: int) -> None:
+async def test_bad_prefs_are_refused(
+    app_client: AppClient, name: str, body: Any, ctype: str, status: int
+) -> None:
     user = unique()
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = requests.put(_prefs_url(stack, user), data=data, headers={"Content-Type": ctype}, timeout=5)
-    assert r.status_code == status, r.text
-    assert r.json()["error"]["code"]
-    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {}}
+    r = await app_client.put(_prefs(user), data=data, headers={"Content-Type": ctype})
+    assert r.status == status, await r.text()
+    assert (await _json(r))["error"]["code"]
+    assert await _json(await app_client.get(_prefs(user))) == {"prefs": {}}
 
 
-def test_bad_user_or_key_in_path(stack: Stack) -> None:
-    assert requests.get(f"{stack.url}/v1/users/a%20b/prefs", timeout=5).status_code == 400
-    r = requests.delete(f"{stack.url}/v1/users/u1/prefs/a%20b", timeout=5)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_pref_key"
+async def test_bad_user_or_key_in_path(app_client: AppClient) -> None:
+    assert (await app_client.get("/v1/users/a%20b/prefs")).status == 400
+    r = await app_client.delete("/v1/users/u1/prefs/a%20b")
+    assert r.status == 400 and (await _json(r))["error"]["code"] == "invalid_pref_key"
 
 
-def test_more_than_100_keys_is_refused_and_stores_nothing(stack: Stack) -> None:
-    user = unique()
+async def test_more_than_100_keys_is_refused_and_stores_nothing(app_client: AppClient) -> None:
+    c, user = app_client, unique()
     too_many = {f"k{i}": "v" for i in range(101)}
-    r = requests.put(_prefs_url(stack, user), json={"prefs": too_many}, timeout=5)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prefs"
-    assert requests.get(_prefs_url(stack, user), timeout=5).json() == {"prefs": {}}
+    r = await c.put(_prefs(user), json={"prefs": too_many})
+    assert r.status == 400 and (await _json(r))["error"]["code"] == "too_many_prefs"
+    assert await _json(await c.get(_prefs(user))) == {"prefs": {}}
     # 100 is fine; one more key on top is refused atomically, an update of an existing is not
     hundred = {f"k{i}": "v" for i in range(100)}
-    assert requests.put(_prefs_url(stack, user), json={"prefs": hundred}, timeout=5).ok
-    r = requests.put(_prefs_url(stack, user), json={"prefs": {"k0": "w", "new": "x"}}, timeout=5)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "too_many_prefs"
-    stored = requests.get(_prefs_url(stack, user), timeout=5).json()["prefs"]
+    assert (await c.put(_prefs(user), json={"prefs": hundred})).ok
+    r = await c.put(_prefs(user), json={"prefs": {"k0": "w", "new": "x"}})
+    assert r.status == 409 and (await _json(r))["error"]["code"] == "too_many_prefs"
+    stored = (await _json(await c.get(_prefs(user))))["prefs"]
     assert len(stored) == 100 and stored["k0"] == "v"
-    r = post(stack.url + "/v1/messages", {"user_id": user, "text": "/prefs set new x"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prefs"
-    assert requests.put(_prefs_url(stack, user), json={"prefs": {"k0": "w"}}, timeout=5).ok
+    r = await _say(c, {"user_id": user, "text": "/prefs set new x"})
+    assert r.status == 400 and (await _json(r))["error"]["code"] == "too_many_prefs"
+    assert (await c.put(_prefs(user), json={"prefs": {"k0": "w"}})).ok
 
 
-def test_api_keys(make_stack: Callable[..., Stack]) -> None:
+async def test_api_keys(
+    make_app_client: Callable[..., Awaitable[AppClient]], aiohttp_client: Any
+) -> None:
     keys = [f"key-{unique()}", f"key-{unique()}"]
-    stack = make_stack(BOT_API_KEYS=",".join(keys), BOT_REPLICAS="2")
-    url = stack.url + "/v1/messages"
     body = {"user_id": unique(), "text": "/echo hi"}
-    for headers in (
-        {},
-        {"Authorization": "Bearer wrong-key"},
-        {"Authorization": f"Bearer {keys[0]}x"},
-        {"Authorization": f"Basic {keys[0]}"},
-        {"Authorization": "Bearer"},
-        {"Authorization": keys[0]},
-    ):
-        r = post(url, body, headers=headers)
-        assert r.status_code == 401, (headers, r.text)
-        assert r.json()["error"]["code"] in ("missing_api_key", "invalid_api_key")
-        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    with capture_logs() as events:
+        c = await make_app_client(BOT_API_KEYS=",".join(keys))
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-key"},
+            {"Authorization": f"Bearer {keys[0]}x"},
+            {"Authorization": f"Basic {keys[0]}"},
+            {"Authorization": "Bearer"},
+            {"Authorization": keys[0]},
+        ):
+            r = await _say(c, body, **headers)
+            assert r.status == 401, (headers, await r.text())
+            assert (await _json(r))["error"]["code"] in ("missing_api_key", "invalid_api_key")
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        for key in keys:
+            r = await _say(c, body, Authorization=f"Bearer {key}")
+            assert r.status == 200, await r.text()
+        assert (await c.get("/v1/users/u1/prefs")).status == 401
+        # health and readiness stay open (NGINX does not route them), metrics too
+        assert (await c.get("/healthz")).ok
+        assert (await c.get("/readyz")).ok
+        assert (await (await aiohttp_client(metrics_app())).get("/metrics")).ok
+    logged = repr(events)
+    assert "api_keys_unset" not in logged
     for key in keys:
-        r = post(url, body, headers={"Authorization": f"Bearer {key}"})
-        assert r.status_code == 200, r.text
-    r = requests.get(f"{stack.url}/v1/users/u1/prefs", timeout=5)
-    assert r.status_code == 401
-    # health, readiness and metrics stay open on their own ports
-    assert requests.get(stack.replica_url(1) + "/healthz", timeout=5).ok
-    assert requests.get(stack.replica_url(1) + "/readyz", timeout=5).ok
-    assert requests.get(stack.metrics_url(1), timeout=5).ok
-    time.sleep(1.2)  # NGINX's access log flushes every second
-    logs = "".join(p.read_text(errors="replace") for p in stack.paths.logs.glob("*.log"))
-    assert "api_keys_unset" not in logs
-    for key in keys:
-        assert key not in logs
+        assert key not in logged
 
 
-def test_open_api_warns_once_at_start(stack: Stack) -> None:
-    assert stack.logs("bot-1").count('"api_keys_unset"') == 1
+async def test_open_api_warns_once_at_start(
+    make_app_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    with capture_logs() as events:
+        await make_app_client()
+    assert [e["event"] for e in events].count("api_keys_unset") == 1
 
 
+@pytest.mark.system
 def test_nginx_resend_after_a_replica_dies_is_processed_once(
     make_stack: Callable[..., Stack],
 ) -> None:
@@ -194,38 +212,54 @@ def test_nginx_resend_after_a_replica_dies_is_processed_once(
         proxy.close()
 
 
-def test_prefs_and_records_survive_a_redis_restart(
-    make_stack: Callable[..., Stack], tmp_path: Path
+async def test_prefs_and_records_survive_a_redis_restart(
+    make_app_client: Callable[..., Awaitable[AppClient]], tmp_path: Path
 ) -> None:
     redis = PrivateRedis(tmp_path / "redis", appendonly=True)
     redis.start()
     try:
-        stack = make_stack(REDIS_URL=redis.url, BOT_REPLICAS="1")
-        assert "redis_persistence_off" not in stack.logs("bot-1")
+        with capture_logs() as events:
+            c = await make_app_client(REDIS_URL=redis.url)
+        assert "redis_persistence_off" not in [e["event"] for e in events]
         user = unique()
         prefs = {"lang": "en", "tz": "Europe/Paris", "emoji": "🦜"}
-        assert requests.put(_prefs_url(stack, user), json={"prefs": prefs}, timeout=5).ok
+        assert (await c.put(_prefs(user), json={"prefs": prefs})).ok
         body = {"user_id": user, "text": "/echo keep me", "message_id": unique("m")}
-        first = post(stack.url + "/v1/messages", body)
+        first = await _say(c, body)
         assert first.ok
         redis.stop()
         redis.start()
         deadline = time.monotonic() + 10
-        r = requests.get(_prefs_url(stack, user), timeout=5)
-        while r.status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            r = requests.get(_prefs_url(stack, user), timeout=5)
-        assert r.json() == {"prefs": prefs}
-        again = post(stack.url + "/v1/messages", body)
+        r = await c.get(_prefs(user))
+        while r.status != 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            r = await c.get(_prefs(user))
+        assert await _json(r) == {"prefs": prefs}
+        again = await _say(c, body)
         assert again.headers.get("Idempotent-Replayed") == "true"
-        assert again.json() == first.json()
+        assert await _json(again) == await _json(first)
     finally:
         redis.stop()
 
 
-def test_persistence_off_is_logged_once(stack: Stack) -> None:
-    # the machine's shared Redis runs without persistence (`--appendonly no`)
-    assert stack.logs("bot-1").count('"redis_persistence_off"') == 1
+@pytest.mark.parametrize(("appendonly", "warnings"), [(False, 1), (True, 0)])
+async def test_a_replica_warns_once_at_start_when_redis_keeps_nothing_on_disk(
+    make_app_client: Callable[..., Awaitable[AppClient]],
+    tmp_path: Path,
+    appendonly: bool,
+    warnings: int,
+) -> None:
+    """Against a Redis of the test's own, so the machine's persistence setting is no input."""
+    redis = PrivateRedis(tmp_path / "redis", appendonly=appendonly)
+    redis.start()
+    try:
+        with capture_logs() as events:
+            client = await make_app_client(REDIS_URL=redis.url)
+            assert (await client.get("/healthz")).status == 200
+        names = [e["event"] for e in events]
+        assert names.count("redis_persistence_off") == warnings, names
+    finally:
+        redis.stop()
 
 
 def _openapi(stack: Stack) -> OpenAPI:
@@ -240,6 +274,7 @@ def _check(api: OpenAPI, method: str, url: str, **kw: Any) -> requests.Response:
     return resp
 
 
+@pytest.mark.system
 def test_every_documented_route_answers_as_documented(stack: Stack) -> None:
     api = _openapi(stack)
     user = unique()

@@ -103,6 +103,36 @@ def test_rendered_alertmanager_config_passes_amtool(tmp_path: Path) -> None:
     assert "BotHighErrorRate" in redis_rule["target_matchers"][0]
 
 
+def _matches(labels: dict[str, str], matcher: str) -> bool:
+    """One Alertmanager matcher (`name="v"`, `name!="v"`, `name=~"re"`) against labels."""
+    m = re.fullmatch(r'\s*(\w+)\s*(=~|!~|!=|=)\s*"(.*)"\s*', matcher)
+    assert m, f"unsupported matcher {matcher!r}"
+    name, op, value = m.groups()
+    have = labels.get(name, "")
+    if op in ("=~", "!~"):
+        return bool(re.fullmatch(value, have)) == (op == "=~")
+    return (have == value) == (op == "=")
+
+
+def test_every_inhibit_rule_names_alerts_as_they_fire(tmp_path: Path) -> None:
+    """Each source and each alert a target names exists with the labels the rule asks for:
+    a rule that can never match (a wrong severity, a renamed alert) silences nothing."""
+    settings = load_settings({"BOT_DOTENV": "/dev/null"})
+    rendered = yaml.safe_load(observability.render_alertmanager(settings, "http://sink/alerts"))
+    alerts = [
+        {"alertname": str(r["alert"]), **r["labels"]}  # type: ignore[dict-item]
+        for r in alert_rules()
+    ]
+    for rule in rendered["inhibit_rules"]:
+        for side in ("source_matchers", "target_matchers"):
+            matchers = rule[side]
+            hits = [a for a in alerts if all(_matches(a, m) for m in matchers)]
+            named = {a["alertname"] for a in alerts if _matches(a, matchers[0])}
+            assert named, (side, rule)  # the first matcher names the alerts
+            # every alert the rule names can match it, in at least one of its severities
+            assert {a["alertname"] for a in hits} == named, (side, rule, named)
+
+
 def test_committed_dashboards_match_their_generator() -> None:
     for name, board in dashboards.DASHBOARDS.items():
         assert (ROOT / "grafana/dashboards" / name).read_text() == dashboards.render(board), (

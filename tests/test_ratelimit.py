@@ -1,4 +1,5 @@
-"""Per-user GCRA limits across replicas, the Redis-down fallback, shedding and the NGINX guard."""
+"""Per-user GCRA limits across replicas and the NGINX guard (through NGINX); the Redis-down
+fallback and shedding (one replica, in-process)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,15 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 import requests
+from prometheus_client import REGISTRY
 
-from tests.support import PrivateRedis, Stack, post, unique
-
-pytestmark = pytest.mark.system
+from tests.support import AppClient, PrivateRedis, Stack, Upstream, post, unique
 
 RATE, PERIOD, BURST = 30, 60.0, 49  # T = 2 s; 50 messages at once
 CAPACITY = BURST + 1
@@ -52,6 +52,7 @@ async def _burst(url: str, user: str, n: int) -> tuple[Counter[int], float]:
         return Counter(statuses), time.monotonic() - started
 
 
+@pytest.mark.system
 async def test_limit_is_exact_across_replicas(limited: Stack) -> None:
     codes, elapsed = await _burst(limited.url + "/v1/messages", unique(), 200)
     # GCRA allows the burst capacity at once plus one message per T = 2 s of the run. The
@@ -66,6 +67,7 @@ async def test_limit_is_exact_across_replicas(limited: Stack) -> None:
     assert len(ports) == 3, ports
 
 
+@pytest.mark.system
 def test_ratelimit_headers_count_down(limited: Stack) -> None:
     user = unique()
     remaining = []
@@ -80,6 +82,7 @@ def test_ratelimit_headers_count_down(limited: Stack) -> None:
     assert remaining[CAPACITY] == (429, 0)
 
 
+@pytest.mark.system
 def test_retry_after_is_honest(limited: Stack) -> None:
     user = unique()
     for i in range(CAPACITY):
@@ -99,6 +102,7 @@ def test_retry_after_is_honest(limited: Stack) -> None:
     assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.system
 def test_replay_is_not_counted(limited: Stack) -> None:
     user, mid = unique(), unique("m")
     body = {"user_id": user, "text": "/echo a", "message_id": mid}
@@ -115,6 +119,7 @@ def test_replay_is_not_counted(limited: Stack) -> None:
     assert post(limited.url + "/v1/messages", {"user_id": user, "text": "/echo b"}).ok
 
 
+@pytest.mark.system
 async def test_a_flooding_user_does_not_hurt_another(limited: Stack) -> None:
     url = limited.url + "/v1/messages"
     flooder, calm = unique("flood"), unique("calm")
@@ -146,72 +151,67 @@ async def test_a_flooding_user_does_not_hurt_another(limited: Stack) -> None:
     assert latencies[-1] < 1.0, latencies  # generous: a 2-core machine shared with the flood
 
 
-def _metric(stack: Stack, name: str, replicas: int) -> float:
-    total = 0.0
-    for i in range(1, replicas + 1):
-        for line in requests.get(stack.metrics_url(i), timeout=5).text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+def _count(name: str, **labels: str) -> float:
+    """A counter of this process (the in-process replica's metrics)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_redis_down_falls_back_to_local_limits(
-    make_stack: Callable[..., Stack], tmp_path: Path
+async def test_redis_down_falls_back_to_local_limits(
+    make_app_client: Callable[..., Awaitable[AppClient]], tmp_path: Path
 ) -> None:
+    """On a replica in-process that knows it is one of three."""
     redis = PrivateRedis(tmp_path / "redis")
     redis.start()
     try:
-        stack = make_stack(REDIS_URL=redis.url, BOT_RATE_LIMIT="30/minute", BOT_RATE_BURST="8")
-        replica = stack.replica_url(1) + "/v1/messages"
-        redis.stop()
-        user = unique()
-        codes = Counter(
-            post(replica, {"user_id": user, "text": f"/echo {i}"}).status_code for i in range(8)
+        c = await make_app_client(
+            REDIS_URL=redis.url, BOT_RATE_LIMIT="30/minute", BOT_RATE_BURST="8", BOT_REPLICAS="3"
         )
+
+        async def statuses(user: str | None, n: int) -> Counter[int]:
+            codes: Counter[int] = Counter()
+            for i in range(n):
+                body = {"user_id": user or unique(), "text": f"/echo {i}"}
+                codes[(await c.post("/v1/messages", json=body)).status] += 1
+            return codes
+
+        errors_at_start = _count("bot_ratelimit_backend_errors_total")
+        redis.stop()
         # capacity 9 shared by 3 replicas: this replica alone allows 3, no 5xx
-        assert codes == Counter({200: 3, 429: 5}), codes
-        through_nginx = [
-            post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/echo y"}).status_code
-            for _ in range(10)
-        ]
-        assert set(through_nginx) == {200}
-        assert _metric(stack, "bot_ratelimit_backend_errors_total", 3) >= 18
+        assert (codes := await statuses(unique(), 8)) == Counter({200: 3, 429: 5}), codes
+        assert await statuses(None, 10) == Counter({200: 10})  # other users are not limited
+        assert _count("bot_ratelimit_backend_errors_total") - errors_at_start >= 18
 
         redis.start()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the replica reconnects on its next command
-            ready = requests.get(stack.replica_url(1) + "/readyz", timeout=2).json()
-            if ready["dependencies"]["redis"]:  # /readyz stays 200 through the outage
+            ready = await c.get("/readyz")
+            assert ready.status == 200  # /readyz stays 200 through the outage
+            if (await ready.json())["dependencies"]["redis"]:
                 break
-            time.sleep(0.1)
-        errors_before = _metric(stack, "bot_ratelimit_backend_errors_total", 3)
-        user = unique()
-        codes = Counter(
-            post(replica, {"user_id": user, "text": f"/echo {i}"}).status_code for i in range(11)
-        )
+            await asyncio.sleep(0.1)
+        errors_before = _count("bot_ratelimit_backend_errors_total")
         # the shared limit is back: one replica alone now allows the whole capacity of 9
-        assert codes == Counter({200: 9, 429: 2}), codes
-        assert _metric(stack, "bot_ratelimit_backend_errors_total", 3) == errors_before
+        assert (codes := await statuses(unique(), 11)) == Counter({200: 9, 429: 2}), codes
+        assert _count("bot_ratelimit_backend_errors_total") == errors_before
     finally:
         redis.stop()
 
 
-async def test_overload_is_shed_at_once(make_stack: Callable[..., Stack]) -> None:
-    stack = make_stack(
-        BOT_REPLICAS="1", BOT_MAX_INFLIGHT="2", BOT_UPSTREAM_TIMEOUT="5", BOT_RATE_BURST="100"
-    )
-    stack.faults(latency_ms=1500)
-    url = stack.replica_url(1) + "/v1/messages"
-    async with aiohttp.ClientSession() as session:
+async def test_overload_is_shed_at_once(
+    make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
+) -> None:
+    c = await make_app_client(BOT_MAX_INFLIGHT="2", BOT_UPSTREAM_TIMEOUT="5", BOT_RATE_BURST="100")
+    upstream.faults(latency_ms=1500)
+    shed_before = _count("bot_messages_total", outcome="shed")
 
-        async def ask(i: int) -> tuple[int, float, dict[str, str], str]:
-            t0 = time.monotonic()
-            body = {"user_id": unique(), "text": f"slow {i} {unique()}"}
-            async with session.post(url, json=body) as r:
-                text = await r.text()
-                return r.status, time.monotonic() - t0, dict(r.headers), text
+    async def ask(i: int) -> tuple[int, float, dict[str, str], str]:
+        t0 = time.monotonic()
+        body = {"user_id": unique(), "text": f"slow {i} {unique()}"}
+        async with c.post("/v1/messages", json=body) as r:
+            text = await r.text()
+            return r.status, time.monotonic() - t0, dict(r.headers), text
 
-        results = await asyncio.gather(*(ask(i) for i in range(10)))
+    results = await asyncio.gather(*(ask(i) for i in range(10)))
     shed = [r for r in results if r[0] == 503]
     assert len([r for r in results if r[0] == 200]) == 2
     assert len(shed) == 8
@@ -219,9 +219,10 @@ async def test_overload_is_shed_at_once(make_stack: Callable[..., Stack]) -> Non
         assert elapsed < 1.0  # refused before doing any work, not queued behind the slow ones
         assert headers["Retry-After"] == "1"
         assert '"overloaded"' in text
-    assert _metric(stack, 'bot_messages_total{outcome="shed"}', 1) == 8
+    assert _count("bot_messages_total", outcome="shed") - shed_before == 8
 
 
+@pytest.mark.system
 async def test_nginx_guard_answers_429_json_to_a_flood(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(BOT_EDGE_RATE="5", BOT_EDGE_BURST="5", BOT_RATE_BURST="1000")
     async with aiohttp.ClientSession() as session:
