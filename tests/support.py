@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -319,6 +319,7 @@ class HoldingProxy:
         self.target_port = target_port
         self.hold = threading.Event()
         self.held: list[int] = []  # client-side ports of held connections
+        self.held_data: dict[int, bytes] = {}  # what each held connection sent so far
         self.forwarded = 0
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -351,6 +352,7 @@ class HoldingProxy:
                     client.close()
                     return
                 buffered += data
+                self.held_data[peer_port] = buffered
         client.settimeout(None)
         upstream = socket.create_connection(("127.0.0.1", self.target_port))
         self.forwarded += 1
@@ -373,6 +375,61 @@ class HoldingProxy:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def held_request(proxy: HoldingProxy, start: bytes, timeout: float = 10) -> int:
+    """The client port of the first held connection whose request begins with `start` (a
+    replica's question, not its upstream health probe, which goes through the proxy too)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for port, data in list(proxy.held_data.items()):
+            if data.startswith(start):
+                return port
+        time.sleep(0.02)
+    raise AssertionError(f"no held request starting {start!r}: {proxy.held_data}")
+
+
+@dataclass
+class Resent:
+    """A question NGINX resent after the replica holding it was killed mid-call."""
+
+    stack: Stack
+    body: dict[str, Any]
+    response: requests.Response
+
+
+def kill_replica_mid_question(
+    make_stack: Callable[..., Stack], headers: dict[str, str] | None = None
+) -> Resent:
+    """Two replicas behind a proxy that holds upstream calls: the replica asking the upstream
+    a question (no `message_id`) is SIGKILLed before the call goes out, then the hold ends and
+    NGINX's resend is answered by the other replica."""
+    proxy_port = free_port()
+    # The call's timeout outlasts the kill, so the victim cannot give up and queue it first.
+    stack = make_stack(
+        BOT_REPLICAS="2", UPSTREAM_URL=f"http://127.0.0.1:{proxy_port}", BOT_UPSTREAM_TIMEOUT="5"
+    )
+    proxy = HoldingProxy(stack.settings.stub_port, port=proxy_port)
+    try:
+        stack.reset_stub()
+        proxy.hold.set()
+        result: dict[str, requests.Response] = {}
+        body = {"user_id": unique(), "text": f"who are you {unique()}?"}
+
+        def send() -> None:
+            result["r"] = post(stack.url + "/v1/messages", body, timeout=40, headers=headers or {})
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        victim = pid_of_client_port(held_request(proxy, b"POST "))
+        assert victim in (stack.pid("bot-1"), stack.pid("bot-2"))
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.3)
+        proxy.hold.clear()
+        sender.join(timeout=40)
+        return Resent(stack, body, result["r"])
+    finally:
+        proxy.close()
 
 
 def pid_of_client_port(port: int) -> int:

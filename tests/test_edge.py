@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import threading
@@ -30,12 +29,11 @@ from infra.common import VENV_BIN, Paths
 from tests.support import (
     REDIS_HOST,
     REDIS_PORT,
-    HoldingProxy,
     PrivateRedis,
     Stack,
     claim_redis_db,
     free_port,
-    pid_of_client_port,
+    kill_replica_mid_question,
     post,
     release_redis_db,
     running_stack,
@@ -336,43 +334,17 @@ def test_a_resend_after_a_replica_dies_keeps_the_id_nginx_chose_for_an_invalid_o
     """A message without message_id and with an X-Request-ID the replicas refuse: the replica
     that claimed it dies, NGINX resends it, and the second replica sees the same id: one
     upstream call, one message_id, the one NGINX logged."""
-    proxy_port = free_port()
-    stack = make_stack(
-        BOT_REPLICAS="2", UPSTREAM_URL=f"http://127.0.0.1:{proxy_port}", BOT_UPSTREAM_TIMEOUT="1"
-    )
-    proxy = HoldingProxy(stack.settings.stub_port, port=proxy_port)
-    try:
-        stack.reset_stub()
-        proxy.hold.set()
-        result: dict[str, requests.Response] = {}
-        body = {"user_id": unique(), "text": f"who are you {unique()}?"}
-
-        def send() -> None:
-            result["r"] = post(stack.url + "/v1/messages", body, timeout=40,
-                               headers={"X-Request-ID": "bad id"})  # fmt: skip
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        deadline = time.monotonic() + 10
-        while not proxy.held and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proxy.held, "no replica asked the upstream"
-        os.kill(pid_of_client_port(proxy.held[0]), signal.SIGKILL)
-        time.sleep(0.3)
-        proxy.hold.clear()
-        sender.join(timeout=40)
-        r = result["r"]
-        assert r.status_code == 200, r.text
-        rid = r.headers["X-Request-ID"]
-        assert r.json()["message_id"] == rid != "bad id"
-        assert stack.stub_stats()["calls"] == 1
-        [entry] = access_entries(stack, uri="/v1/messages")
-        assert entry["request_id"] == rid and "," in entry["upstream_addr"], entry
-        # one record for the message: the dead replica's claim was taken over, not duplicated
-        records = stack.redis().keys(record_key(body["user_id"], "*"))
-        assert records == [record_key(body["user_id"], rid)], records
-    finally:
-        proxy.close()
+    resent = kill_replica_mid_question(make_stack, headers={"X-Request-ID": "bad id"})
+    r, stack, body = resent.response, resent.stack, resent.body
+    assert r.status_code == 200, r.text
+    rid = r.headers["X-Request-ID"]
+    assert r.json()["message_id"] == rid != "bad id"
+    assert stack.stub_stats()["calls"] == 1
+    [entry] = access_entries(stack, uri="/v1/messages")
+    assert entry["request_id"] == rid and "," in entry["upstream_addr"], entry
+    # one record for the message: the dead replica's claim was taken over, not duplicated
+    records = stack.redis().keys(record_key(body["user_id"], "*"))
+    assert records == [record_key(body["user_id"], rid)], records
 
 
 # ------------------------------------------------------------------- the runner's processes

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,12 +24,9 @@ from bot.runtime import metrics_app
 from bot.settings import load_settings
 from tests.support import (
     AppClient,
-    HoldingProxy,
     PrivateRedis,
     Stack,
-    free_port,
-    pid_of_client_port,
-    post,
+    kill_replica_mid_question,
     unique,
 )
 
@@ -174,42 +168,15 @@ def test_nginx_resend_after_a_replica_dies_is_processed_once(
 ) -> None:
     """A replica claims a message without message_id and dies before its upstream call goes
     out; NGINX resends it to the other replica, which answers it: one upstream call."""
-    proxy_port = free_port()
-    stack = make_stack(
-        BOT_REPLICAS="2", UPSTREAM_URL=f"http://127.0.0.1:{proxy_port}", BOT_UPSTREAM_TIMEOUT="1"
-    )
-    proxy = HoldingProxy(stack.settings.stub_port, port=proxy_port)
-    try:
-        stack.reset_stub()
-        proxy.hold.set()
-        result: dict[str, requests.Response] = {}
-        body = {"user_id": unique(), "text": f"who are you {unique()}?"}
-
-        def send() -> None:
-            result["r"] = post(stack.url + "/v1/messages", body, timeout=40)
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        deadline = time.monotonic() + 10
-        while not proxy.held and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proxy.held, "no replica asked the upstream"
-        victim = pid_of_client_port(proxy.held[0])
-        assert victim in (stack.pid("bot-1"), stack.pid("bot-2"))
-        os.kill(victim, signal.SIGKILL)
-        time.sleep(0.3)
-        proxy.hold.clear()
-        sender.join(timeout=40)
-        r = result["r"]
-        assert r.status_code == 200, r.text
-        assert body["text"] in r.json()["reply"]
-        assert r.json()["message_id"] == r.headers["X-Request-ID"]
-        assert stack.stub_stats()["calls"] == 1
-        time.sleep(1.2)  # NGINX's access log flushes every second
-        entry = [e for e in stack.access_log() if e["uri"] == "/v1/messages"][-1]
-        assert "," in entry["upstream_addr"], entry  # NGINX tried a second replica
-    finally:
-        proxy.close()
+    resent = kill_replica_mid_question(make_stack)
+    r, stack = resent.response, resent.stack
+    assert r.status_code == 200, r.text
+    assert resent.body["text"] in r.json()["reply"]
+    assert r.json()["message_id"] == r.headers["X-Request-ID"]
+    assert stack.stub_stats()["calls"] == 1
+    time.sleep(1.2)  # NGINX's access log flushes every second
+    entry = [e for e in stack.access_log() if e["uri"] == "/v1/messages"][-1]
+    assert "," in entry["upstream_addr"], entry  # NGINX tried a second replica
 
 
 async def test_prefs_and_records_survive_a_redis_restart(
