@@ -313,7 +313,8 @@ class PrivateRedis:
 class HoldingProxy:
     """A TCP proxy of the test's own in front of a port; while `hold` is set it accepts
     connections but forwards nothing, so the test can act on the client in between. A client
-    that goes away while held is never forwarded."""
+    that goes away while held is never forwarded. `cut` drops every connection and refuses
+    new ones: the service behind it is gone, as far as its clients can tell."""
 
     def __init__(self, target_port: int, port: int = 0) -> None:
         self.target_port = target_port
@@ -321,6 +322,7 @@ class HoldingProxy:
         self.held: list[int] = []  # client-side ports of held connections
         self.held_data: dict[int, bytes] = {}  # what each held connection sent so far
         self.forwarded = 0
+        self._open: list[socket.socket] = []
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", port))
@@ -355,6 +357,7 @@ class HoldingProxy:
                 self.held_data[peer_port] = buffered
         client.settimeout(None)
         upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        self._open += [client, upstream]
         self.forwarded += 1
         if buffered:
             upstream.sendall(buffered)
@@ -375,6 +378,13 @@ class HoldingProxy:
 
     def close(self) -> None:
         self._sock.close()
+
+    def cut(self) -> None:
+        self._sock.close()
+        for s in self._open:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
 
 def held_request(proxy: HoldingProxy, start: bytes, timeout: float = 10) -> int:

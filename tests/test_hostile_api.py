@@ -30,7 +30,16 @@ from bot.app import create_app
 from bot.inbox import valid_cursor
 from bot.settings import ApiKey, SettingsError, load_settings, parse_api_keys
 from infra.common import drop_queues
-from tests.support import AMQP_URL, AppClient, PrivateRedis, Stack, free_port, post, unique
+from tests.support import (
+    AMQP_URL,
+    AppClient,
+    HoldingProxy,
+    PrivateRedis,
+    Stack,
+    free_port,
+    post,
+    unique,
+)
 
 pytestmark = pytest.mark.system
 
@@ -535,48 +544,6 @@ async def test_long_polls_beyond_max_inflight_leave_messages_and_health_alone(
 # Item 13: readiness follows what the replica can do, not its dependencies ---------------------
 
 
-class SeveringProxy:
-    """A TCP proxy of the test's own in front of a port, whose `cut` drops every connection
-    and refuses new ones: the service behind it is gone, as far as its clients can tell."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.port: int = self._sock.getsockname()[1]
-        self._open: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self._open += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self._sock.close()
-        for s in self._open:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
 async def _dependencies_become(client: AppClient, expected: dict[str, bool]) -> dict[str, bool]:
     """Poll /readyz (always 200) until it reports `expected`; what it reported last."""
     deadline = time.monotonic() + 20
@@ -595,7 +562,7 @@ async def test_readiness_stays_up_while_redis_and_rabbitmq_are_down(
     """On a replica in-process, its Redis and RabbitMQ behind servers of the test's own."""
     redis = PrivateRedis(tmp_path / "redis", appendonly=False)
     redis.start()
-    rabbit = SeveringProxy(URL(AMQP_URL).port or 5672)
+    rabbit = HoldingProxy(URL(AMQP_URL).port or 5672)
     try:
         client = await make_app_client(
             REDIS_URL=redis.url, AMQP_URL=f"amqp://guest:guest@127.0.0.1:{rabbit.port}/"

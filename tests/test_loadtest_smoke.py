@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -227,21 +228,30 @@ def test_load_is_only_sent_to_loopback() -> None:
         load_config("steady", {"BOT_DOTENV": "/dev/null", "LOAD_TARGET_URL": "http://10.0.0.1"})
 
 
-@pytest.mark.system
-def test_steady_smoke_passes_and_an_impossible_objective_fails(
-    stack: Stack, tmp_path: Path
-) -> None:
+def _run_scenario(
+    name: str, stack: Stack, tmp_path: Path, **settings: str
+) -> tuple[dict[str, str], Path, dict[str, Any]]:
+    """Run `make loadtest SCENARIO=name` against `stack`; it must pass. Its environment,
+    report folder and summary."""
     env = {
         **os.environ,
         **stack.env,
         "BOT_DOTENV": "/dev/null",
-        "LOAD_DURATION": "20",
         "LOAD_REPORT_DIR": str(tmp_path),
+        **settings,
     }
-    done = run([sys.executable, "-m", "loadtests.run", "steady"], env=env, cwd=ROOT, timeout=150)
+    done = run([sys.executable, "-m", "loadtests.run", name], env=env, cwd=ROOT, timeout=150)
     assert done.returncode == 0, done.stdout + done.stderr
-    (report,) = tmp_path.glob("steady-*")
-    summary = orjson.loads((report / "summary.json").read_bytes())
+    (report,) = tmp_path.glob(f"{name}-*")
+    summary: dict[str, Any] = orjson.loads((report / "summary.json").read_bytes())
+    return env, report, summary
+
+
+@pytest.mark.system
+def test_steady_smoke_passes_and_an_impossible_objective_fails(
+    stack: Stack, tmp_path: Path
+) -> None:
+    env, report, summary = _run_scenario("steady", stack, tmp_path, LOAD_DURATION="20")
     assert summary["passed"] and summary["figures"]["requests"] > 50
     assert (report / "locust.html").exists() and (report / "locust_stats.csv").exists()
 
@@ -264,19 +274,9 @@ def test_hostile_clients_leave_well_behaved_users_unharmed(
     full run judges against the steady scenario's. Everything else is the full verdict.
     """
     stack = make_stack()
-    env = {
-        **os.environ,
-        **stack.env,
-        "BOT_DOTENV": "/dev/null",
-        "LOAD_HOSTILE_CALM": "4",
-        "LOAD_DURATION": "14",
-        "LOAD_P99_MS": "5000",
-        "LOAD_REPORT_DIR": str(tmp_path),
-    }
-    done = run([sys.executable, "-m", "loadtests.run", "hostile"], env=env, cwd=ROOT, timeout=150)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (report,) = tmp_path.glob("hostile-*")
-    summary = orjson.loads((report / "summary.json").read_bytes())
+    _, _, summary = _run_scenario(
+        "hostile", stack, tmp_path, LOAD_HOSTILE_CALM="4", LOAD_DURATION="14", LOAD_P99_MS="5000"
+    )
     figures = summary["figures"]["hostile"]
     # Every kind of hostile client ran, and the long polls reached the per-address limit.
     assert set(figures["by_kind"]) == set(HOSTILE_KINDS)
