@@ -52,8 +52,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Test files run on TEST_WORKERS workers, a file's tests together (its stacks are shared).
+TEST_WORKERS ?= 4
 test: install lint typecheck
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 loadtest: install
 	$(BIN)/python -m loadtests.run $(SCENARIO)
