@@ -1,7 +1,8 @@
 """Who the stack's processes run as when `make up` runs as root.
 
 Everything that does not need root runs as the unprivileged `RUN_USER` (created when
-missing), or as a user of its own where Debian's service has one (RabbitMQ as `rabbitmq`);
+missing), or as a user of its own where Debian's service has one (RabbitMQ as `rabbitmq`, when it
+can reach its directories: not under a private home such as /root);
 each gets its data directories, since it writes them.
 """
 
@@ -63,7 +64,11 @@ def user_of(program: Program, user: str | None) -> str | None:
         return None
     if program.owner:
         with contextlib.suppress(KeyError):
-            return pwd.getpwnam(program.owner).pw_name
+            owner = pwd.getpwnam(program.owner).pw_name
+            # It must reach its data directories: under a private home (a checkout in /root)
+            # it cannot, and runs as the other programs do.
+            if reaches(owner, *(path.parent for path in program.writable)):
+                return owner
     return user
 
 

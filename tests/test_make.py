@@ -7,6 +7,7 @@ with a RabbitMQ of its own (nothing answers on its AMQP port), or beside a forei
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import psutil
 import pytest
 
 from bot.settings import load_settings
-from infra import observability, users
+from infra import observability, programs, users
 from infra.common import ROOT, Paths, answers, free_port
 from infra.programs import EPMD_PORT_FILE
 from tests.conftest import OWNER
@@ -134,3 +135,26 @@ def test_make_tells_a_sudo_less_user_which_debian_packages_are_missing() -> None
         "make: missing Debian packages: bot-no-such-package "
         "(as root: apt-get install bot-no-such-package)"
     ), done.stderr
+
+
+def test_a_rabbitmq_of_our_own_runs_as_root_where_its_user_cannot_reach_the_run_dir() -> None:
+    """A checkout under a private home (/root/bot on a fresh Debian box): `rabbitmq` cannot
+    enter the run directory, so its node could not read its own cookie and never came up.
+    It then runs as the runner does; elsewhere it keeps its own user."""
+    if os.geteuid() != 0:
+        pytest.skip("only root hands programs to other users")
+    try:
+        pwd.getpwnam("rabbitmq")
+    except KeyError:
+        pytest.skip("no rabbitmq user on this machine")
+    settings = load_settings({"AMQP_URL": f"amqp://127.0.0.1:{free_port()}/"})
+    with stack_dir() as base:
+        for mode, runs_as in ((0o755, "rabbitmq"), (0o700, None)):
+            home = base / f"home-{mode:o}"
+            home.mkdir()
+            home.chmod(mode)
+            paths = Paths(home / "bot" / ".run")
+            paths.run.mkdir(parents=True)
+            progs = programs.data_programs(settings, paths, {})
+            [rabbit] = [p for p in progs if p.name == "rabbitmq"]
+            assert users.user_of(rabbit, None) == runs_as, oct(mode)
