@@ -67,7 +67,7 @@ async def clients_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Redis client and the HTTP session, for the life of the app."""
     settings = app[SETTINGS]
     async with (
-        runtime.redis_client(settings.redis_url) as redis,
+        runtime.redis_client(settings.redis_url, auto_pipeline=True) as redis,
         runtime.http_client(limit=200) as http,
     ):
         app[REDIS], app[HTTP] = redis, http

@@ -60,6 +60,12 @@ REPLIES_DELIVERED = Counter("bot_replies_delivered", "Deferred replies stored in
 DEPENDENCY_UP = Gauge(
     "bot_dependency_up", "Dependency reachability from this process", ["dependency"]
 )
+# How many commands each auto-pipelined batch sent to Redis at once (`bot.autopipe`).
+REDIS_BATCH = Histogram(
+    "bot_redis_batch_commands",
+    "Redis commands sent together in one auto-pipelined batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 BUILD_INFO = Gauge("bot_build_info", "Build information (always 1)", ["version"])
 
 MESSAGE_OUTCOMES = ("replied", "queued", "rate_limited", "duplicate", "rejected", "shed")
