@@ -7,6 +7,7 @@ import asyncio
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,51 +38,46 @@ def _client(url: str, timeout: float = 1.0) -> AutoPipelineRedis:
     return client
 
 
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[AutoPipelineRedis]:
+    batching = _client(redis_url)
+    yield batching
+    await batching.aclose()
+
+
 async def test_commands_of_one_tick_go_as_one_batch_each_with_its_own_answer(
-    redis_url: str,
+    client: AutoPipelineRedis,
 ) -> None:
-    client = _client(redis_url)
-    try:
-        keys = [f"ap:{uuid.uuid4().hex}" for _ in range(50)]
-        await asyncio.gather(*(client.set(k, i) for i, k in enumerate(keys)))
-        before = _batches()
-        values = await asyncio.gather(*(client.get(k) for k in keys))
-        after = _batches()
-        assert values == [str(i) for i in range(50)]
-        assert (after[0] - before[0], after[1] - before[1]) == (1, 50)
-    finally:
-        await client.aclose()
+    keys = [f"ap:{uuid.uuid4().hex}" for _ in range(50)]
+    await asyncio.gather(*(client.set(k, i) for i, k in enumerate(keys)))
+    before = _batches()
+    values = await asyncio.gather(*(client.get(k) for k in keys))
+    after = _batches()
+    assert values == [str(i) for i in range(50)]
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 50)
 
 
-async def test_an_error_reaches_only_the_command_that_caused_it(redis_url: str) -> None:
-    client = _client(redis_url)
-    try:
-        text, counter = f"ap:{uuid.uuid4().hex}", f"ap:{uuid.uuid4().hex}"
-        await client.set(text, "not a number")
-        results = await asyncio.gather(
-            client.incr(counter), client.incr(text), client.incr(counter), return_exceptions=True
-        )
-        assert results[0] == 1 and results[2] == 2
-        assert isinstance(results[1], ResponseError) and "not an integer" in str(results[1])
-    finally:
-        await client.aclose()
+async def test_an_error_reaches_only_the_command_that_caused_it(client: AutoPipelineRedis) -> None:
+    text, counter = f"ap:{uuid.uuid4().hex}", f"ap:{uuid.uuid4().hex}"
+    await client.set(text, "not a number")
+    results = await asyncio.gather(
+        client.incr(counter), client.incr(text), client.incr(counter), return_exceptions=True
+    )
+    assert results[0] == 1 and results[2] == 2
+    assert isinstance(results[1], ResponseError) and "not an integer" in str(results[1])
 
 
 async def test_a_script_redis_does_not_know_is_loaded_once_and_answers_everyone(
-    redis_url: str,
+    client: AutoPipelineRedis,
 ) -> None:
-    client = _client(redis_url)
-    try:
-        # A script text nobody loaded before: every first EVALSHA gets NOSCRIPT.
-        script = client.register_script(f"-- {uuid.uuid4().hex}\nreturn tonumber(ARGV[1]) * 2")
-        before = _batches()
-        results = await asyncio.gather(*(script(args=[i]) for i in range(20)))
-        after = _batches()
-        assert results == [i * 2 for i in range(20)]
-        # The EVALSHAs, then the SCRIPT LOADs, then the EVALSHAs again: three batches.
-        assert after[0] - before[0] == 3
-    finally:
-        await client.aclose()
+    # A script text nobody loaded before: every first EVALSHA gets NOSCRIPT.
+    script = client.register_script(f"-- {uuid.uuid4().hex}\nreturn tonumber(ARGV[1]) * 2")
+    before = _batches()
+    results = await asyncio.gather(*(script(args=[i]) for i in range(20)))
+    after = _batches()
+    assert results == [i * 2 for i in range(20)]
+    # The EVALSHAs, then the SCRIPT LOADs, then the EVALSHAs again: three batches.
+    assert after[0] - before[0] == 3
 
 
 async def test_a_dead_redis_fails_every_command_of_the_batch_with_a_redis_error() -> None:
@@ -117,31 +113,27 @@ async def test_a_silent_redis_fails_the_batch_within_its_timeout() -> None:
         await client.aclose()
 
 
-async def test_a_blocking_read_does_not_hold_up_the_commands_beside_it(redis_url: str) -> None:
-    client = _client(redis_url)
-    try:
-        stream, key = f"ap:{uuid.uuid4().hex}", f"ap:{uuid.uuid4().hex}"
-        await client.set(key, "v")
-        blocking = asyncio.ensure_future(client.xread({stream: "$"}, block=600))
-        started = time.monotonic()
-        assert await client.get(key) == "v"
-        assert time.monotonic() - started < 0.3
-        assert await blocking in ([], None)
-    finally:
-        await client.aclose()
+async def test_a_blocking_read_does_not_hold_up_the_commands_beside_it(
+    client: AutoPipelineRedis,
+) -> None:
+    stream, key = f"ap:{uuid.uuid4().hex}", f"ap:{uuid.uuid4().hex}"
+    await client.set(key, "v")
+    blocking = asyncio.ensure_future(client.xread({stream: "$"}, block=600))
+    started = time.monotonic()
+    assert await client.get(key) == "v"
+    assert time.monotonic() - started < 0.3
+    assert await blocking in ([], None)
 
 
-async def test_a_caller_that_goes_away_leaves_the_batch_to_the_others(redis_url: str) -> None:
-    client = _client(redis_url)
-    try:
-        key = f"ap:{uuid.uuid4().hex}"
-        await client.set(key, "v")
-        gone = asyncio.ensure_future(client.get(key))
-        kept = asyncio.ensure_future(client.get(key))
-        await asyncio.sleep(0)
-        gone.cancel()
-        assert await kept == "v"
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-    finally:
-        await client.aclose()
+async def test_a_caller_that_goes_away_leaves_the_batch_to_the_others(
+    client: AutoPipelineRedis,
+) -> None:
+    key = f"ap:{uuid.uuid4().hex}"
+    await client.set(key, "v")
+    gone = asyncio.ensure_future(client.get(key))
+    kept = asyncio.ensure_future(client.get(key))
+    await asyncio.sleep(0)
+    gone.cancel()
+    assert await kept == "v"
+    with pytest.raises(asyncio.CancelledError):
+        await gone
