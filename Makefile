@@ -6,11 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCENARIO ?= steady
 # Debian packages the stack and its tests use (installed when running as root). python3-venv
-# first: stock Debian cannot create the venv without it; curl: the README's first request;
-# wrk and hey: `make bench`'s load generators (flat out, and at a fixed rate).
+# first: stock Debian cannot create the venv without it; curl: the README's first request.
 APT_PACKAGES := python3-venv curl nginx-light redis-server rabbitmq-server prometheus \
 	prometheus-alertmanager prometheus-nginx-exporter prometheus-redis-exporter mtail wrk \
-	docker-compose hey
+	docker-compose
 
 .PHONY: install system-deps up down status test lint typecheck unit loadtest bench clean
 

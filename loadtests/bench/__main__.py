@@ -9,8 +9,8 @@ In one run, with wrk (64 connections by default), it measures:
 - `cache_hit`: one question every request asks, through the running stack (cache hits);
 - `limiter_on` / `limiter_off`: `/echo` on two private stacks alike but for
   `BOT_RATE_LIMIT_ENABLED` (NGINX's per-address guard raised on both, so only the limiter differs);
-- `half_load`: `/echo` on the limiter-off stack at a fixed rate, half of what it reached flat
-  out (open loop, with hey), for the latency a stack at half its capacity gives;
+- `half_load`: `/echo` at a fixed rate, half of what the full path reached flat out (open
+  loop: `paced.lua`), for the latency of a stack at half its capacity;
 - a py-spy profile of replica 1 under the `/echo` load (its top frames).
 
 Every request comes from a user nobody has seen before, so per-user limits never reject
@@ -20,7 +20,7 @@ replicas alone; Redis by its `INFO cpu`) and the ratios; saves
 BENCH_CONNECTIONS (64), BENCH_THREADS (2), BENCH_PRIVATE_STACKS (true), BENCH_PROFILE (true).
 
 This module runs the sequence; `config` reads the settings, `stacks` starts what is measured,
-`measure` runs wrk and hey, `profile` runs py-spy and reads its stacks, `report` renders the
+`measure` runs wrk, `profile` runs py-spy and reads its stacks, `report` renders the
 results.
 """
 
@@ -33,13 +33,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import orjson
 import requests
 
 from bot.settings import Settings, SettingsError
 from loadtests.bench import profile, report
 from loadtests.bench.config import BenchConfig, load_bench_config
-from loadtests.bench.measure import Charged, Result, run_hey, run_wrk
+from loadtests.bench.measure import Charged, Result, run_wrk
 from loadtests.bench.stacks import (
     bare_replicas,
     broker_answers,
@@ -125,7 +124,9 @@ class Bench:
                 what = f"stack NGINX config -> {c.stack.replicas} bare replicas"
                 self.measure("replicas_via_nginx", what, url, "echo.lua", Charged(pids, bare))
             what = "/echo through the running stack"
-            self.measure("echo", what, c.target, "echo.lua", stack)
+            full = self.measure("echo", what, c.target, "echo.lua", stack)
+            if not capped(full):
+                self.half_load(full, stack)
             self.cache_hit("cache_hit", "the running stack", c.target, stack)
             if c.private_stacks and not broker_answers(c.stack):
                 # The runner would start a RabbitMQ of its own on that port: not for a bench.
@@ -139,9 +140,9 @@ class Bench:
                         charged = charged_to(s)
                         top = self.measure(name, what, url, "echo.lua", charged)
                         if on:
+                            if "half_load" not in self.results:  # the running stack was capped
+                                self.half_load(top, charged)
                             self.cache_hit("cache_hit_open", "private stack", url, charged)
-                        else:
-                            self.half_load(url, top, charged)
         spy = self.profile() if c.profile else None
         return report.summary(c, self.results, spy)
 
@@ -153,24 +154,20 @@ class Bench:
         r = self.measure(name, what, url, "question.lua", charged, args=(QUESTION,))
         r.notes.append(f"X-Cache of a probe: {cache}")
 
-    def half_load(self, url: str, top: Result, charged: Charged) -> None:
-        """`/echo` at a fixed rate, half of what `top` reached flat out (open loop, hey).
-
-        hey sends one body, so one user (the limiter is off on this stack) and no
-        `message_id`: each message's idempotency key is the `X-Request-ID` NGINX sets.
-        """
-        rate = max(1.0, top.ok_rps / 2)
-        body = orjson.dumps({"user_id": f"bench-hey-{self.run_id}", "text": "/echo hello"})
-        result = run_hey(
-            "half_load",
-            f"{url}/v1/messages",
-            body,
-            rate=rate,
-            duration=self.cfg.duration,
-            workers=self.cfg.connections,
-            charged=charged,
-        )
-        result.what = f"/echo open loop at half of {top.name} ({rate:.0f}/s, hey)"
+    def half_load(self, top: Result, charged: Charged) -> None:
+        """`/echo` at a fixed rate, half of what `top` reached flat out (open loop)."""
+        c = self.cfg
+        rate = max(2.0, top.ok_rps / 2)
+        per_thread = f"{rate / c.threads:.1f}"
+        if c.warmup > 0:
+            args = [self.run_id + "hw", per_thread]
+            self._wrk("half_load", top.url, "paced.lua", args, c.warmup, Charged([]))
+        args = [self.run_id + "h", per_thread]
+        result = self._wrk("half_load", top.url, "paced.lua", args, c.duration, charged)
+        result.what = f"/echo at a fixed {rate:.0f}/s, half of {top.name} (open loop)"
+        result.target_rps = round(rate, 1)
+        if result.ok_rps < 0.95 * rate:
+            result.notes.append(f"fell behind the {rate:.0f}/s asked")
         self._keep(result)
 
     def profile(self) -> dict[str, Any]:
@@ -183,6 +180,11 @@ class Bench:
             return self._wrk("profile", self.cfg.target, "echo.lua", args, seconds, Charged([]))
 
         return profile.record(pid, max(2, round(self.cfg.duration)), out, load)
+
+
+def capped(r: Result) -> bool:
+    """Whether NGINX's per-address guard refused part of the row (so it says nothing of speed)."""
+    return r.non_2xx > 0.01 * r.requests
 
 
 def charged_to(settings: Settings) -> Charged:

@@ -1,6 +1,6 @@
-"""One measurement: wrk (closed loop, as fast as it goes) or hey (open loop, a fixed rate),
-and what it cost: requests/s, latency percentiles, CPU per request of the serving processes,
-of the replicas alone and of Redis (its own `INFO cpu`)."""
+"""One wrk measurement (closed loop, as fast as it goes; or open loop at a fixed rate with
+`paced.lua`) and what it cost: requests/s, latency percentiles, CPU per request of the serving
+processes, of the replicas alone and of Redis (its own `INFO cpu`)."""
 
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ class Result:
     cpu_us_per_req: float = 0.0  # the serving processes (NGINX, replicas...)
     replica_cpu_us_per_req: float | None = None  # the Python replicas alone
     redis_cpu_us_per_req: float | None = None  # Redis's INFO cpu (others' commands included)
-    wrk_cpu_us_per_req: float = 0.0  # the load generator's (wrk or hey)
+    wrk_cpu_us_per_req: float = 0.0  # the load generator's
     machine_busy: float = 0.0  # share of all cores busy during the run (others included)
-    target_rps: float | None = None  # the open-loop rows' fixed rate
+    target_rps: float | None = None  # the open-loop row's fixed rate
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -148,10 +148,10 @@ def _charge(result: Result, w: _Window) -> Result:
     return result
 
 
-def _binary(name: str, package: str) -> str:
-    path = shutil.which(name)
+def wrk_binary() -> str:
+    path = shutil.which("wrk")
     if not path:
-        raise RuntimeError(f"{name} is not installed (Debian package `{package}`; `make bench`)")
+        raise RuntimeError("wrk is not installed (Debian package `wrk`; `make install` adds it)")
     return path
 
 
@@ -179,7 +179,7 @@ def run_wrk(
 ) -> Result:
     """Run wrk once; CPU is measured on `charged` over the same window."""
     cmd = [
-        _binary("wrk", "wrk"),
+        wrk_binary(),
         f"-t{threads}",
         f"-c{connections}",
         f"-d{max(1, round(duration))}s",
@@ -215,82 +215,4 @@ def run_wrk(
         p90_ms=round(lat["p90"] / 1000, 2),
         p99_ms=round(lat["p99"] / 1000, 2),
     )
-    return _charge(result, w)
-
-
-def run_hey(
-    name: str,
-    url: str,
-    body: bytes,
-    *,
-    rate: float,
-    duration: float,
-    workers: int,
-    charged: Charged,
-) -> Result:
-    """An open-loop load: `rate` POSTs/s of `body` for `duration`, whatever the answers take.
-
-    hey paces each of its `workers` on a ticker of `workers / rate` seconds, so as long as an
-    answer takes less than that (tens of ms here, against answers of a few), a slow answer
-    does not delay the requests after it: the latencies are those a fixed arrival rate sees.
-    """
-    cmd = [
-        _binary("hey", "hey"),
-        "-z",
-        f"{max(1, round(duration))}s",
-        "-c",
-        str(workers),
-        "-q",
-        f"{rate / workers:.4f}",
-        "-t",
-        "10",
-        "-m",
-        "POST",
-        "-T",
-        "application/json",
-        "-d",
-        body.decode(),
-        "-o",
-        "csv",
-        url,
-    ]
-    with _metered(charged) as w:
-        code, out, err = _communicate(cmd, duration + 60)
-    times: list[float] = []
-    statuses: list[int] = []
-    last = 0.0
-    for line in out.splitlines()[1:]:
-        cols = line.split(",")
-        if len(cols) < 8:
-            continue
-        times.append(float(cols[0]))
-        statuses.append(int(cols[6]))
-        last = max(last, float(cols[7]))
-    if code != 0 or not times:
-        raise RuntimeError(f"hey failed ({code}): {err[-500:]}")
-    times.sort()
-    n = len(times)
-    secs = max(last, duration, 1e-3)
-    bad = sum(1 for s in statuses if not 200 <= s < 400)
-
-    def pct(p: float) -> float:
-        return round(times[min(n - 1, int(p * n))] * 1000, 2)
-
-    result = Result(
-        name=name,
-        what="",
-        url=url,
-        requests=n,
-        seconds=round(secs, 2),
-        rps=round(n / secs, 1),
-        ok_rps=round((n - bad) / secs, 1),
-        non_2xx=bad,
-        p50_ms=pct(0.50),
-        p90_ms=pct(0.90),
-        p99_ms=pct(0.99),
-        target_rps=round(rate, 1),
-    )
-    if n < 0.95 * rate * duration:
-        # hey leaves its own errors (refused, timed out) out of its CSV; or it fell behind.
-        result.notes.append(f"{n} answers of the {round(rate * duration)} the rate asks for")
     return _charge(result, w)

@@ -15,7 +15,7 @@ from loadtests.bench.measure import Result
 
 def header() -> str:
     """cpu us/req: every serving process; bot us: the Python replicas alone; redis us: Redis's
-    INFO cpu (anything else using that Redis included); gen us: wrk's or hey's own."""
+    INFO cpu (anything else using that Redis included); gen us: wrk's own."""
     return (
         f"{'measurement':<20} {'req/s':>9} {'ok req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'cpu us/req':>10} {'bot us':>7} {'redis us':>9} {'gen us':>7} {'busy':>5}  notes"
