@@ -41,6 +41,7 @@ class Result:
     redis_cpu_us_per_req: float | None = None  # Redis's INFO cpu (others' commands included)
     wrk_cpu_us_per_req: float = 0.0  # the load generator's
     machine_busy: float = 0.0  # share of all cores busy during the run (others included)
+    others_cores: float = 0.0  # cores busy with anything not charged here (other agents' work)
     target_rps: float | None = None  # the open-loop row's fixed rate
     notes: list[str] = field(default_factory=list)
 
@@ -98,7 +99,7 @@ class _Window:
     redis_cpu: float | None = None
     gen_cpu: float = 0.0  # the load generator's: reaped children of this process
     busy: float = 0.0
-    wall: float = 0.0
+    others: float = 0.0
 
 
 @contextlib.contextmanager
@@ -126,8 +127,12 @@ def _metered(charged: Charged) -> Iterator[_Window]:
     machine1 = psutil.cpu_times()
     busy0 = sum(machine0) - machine0.idle - getattr(machine0, "iowait", 0.0)
     busy1 = sum(machine1) - machine1.idle - getattr(machine1, "iowait", 0.0)
-    w.wall = sum(machine1) - sum(machine0)
-    w.busy = (busy1 - busy0) / w.wall if w.wall > 0 else 0.0
+    wall = sum(machine1) - sum(machine0)  # every core's
+    if wall > 0:
+        w.busy = (busy1 - busy0) / wall
+        elapsed = wall / (psutil.cpu_count() or 1)
+        ours = w.cpu + (w.redis_cpu or 0.0) + w.gen_cpu
+        w.others = max(0.0, (busy1 - busy0 - ours) / elapsed)
 
 
 def _charge(result: Result, w: _Window) -> Result:
@@ -141,6 +146,7 @@ def _charge(result: Result, w: _Window) -> Result:
     result.redis_cpu_us_per_req = per(w.redis_cpu)
     result.wrk_cpu_us_per_req = per(w.gen_cpu) or 0.0
     result.machine_busy = round(w.busy, 3)
+    result.others_cores = round(w.others, 2)
     if result.non_2xx > 0.01 * n:
         result.notes.append(f"{result.non_2xx} answers were not 2xx")
     if result.socket_errors:

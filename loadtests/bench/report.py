@@ -15,10 +15,13 @@ from loadtests.bench.measure import Result
 
 def header() -> str:
     """cpu us/req: every serving process; bot us: the Python replicas alone; redis us: Redis's
-    INFO cpu (anything else using that Redis included); gen us: wrk's own."""
+    INFO cpu (anything else using that Redis included); gen us: wrk's own; busy: the share of
+    the machine's cores busy; others: cores busy with work not charged here (another agent's
+    tests on a shared machine: rows with others near 0 are the ones to trust)."""
     return (
         f"{'measurement':<20} {'req/s':>9} {'ok req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'cpu us/req':>10} {'bot us':>7} {'redis us':>9} {'gen us':>7} {'busy':>5}  notes"
+        f"{'cpu us/req':>10} {'bot us':>7} {'redis us':>9} {'gen us':>7} {'busy':>5} "
+        f"{'others':>6}  notes"
     )
 
 
@@ -31,7 +34,7 @@ def row(r: Result) -> str:
         f"{r.name:<20} {r.rps:>9.0f} {r.ok_rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
         f"{r.cpu_us_per_req:>10.0f} {_us(r.replica_cpu_us_per_req):>7} "
         f"{_us(r.redis_cpu_us_per_req):>9} {r.wrk_cpu_us_per_req:>7.0f} "
-        f"{r.machine_busy:>5.0%}  {'; '.join(r.notes)}"
+        f"{r.machine_busy:>5.0%} {r.others_cores:>6.2f}  {'; '.join(r.notes)}"
     )
 
 
