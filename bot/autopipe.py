@@ -141,8 +141,12 @@ class AutoPipelineRedis(Redis):
         return _Script(self, script)
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        for task in list(getattr(self, "_batches", ())):
+        # Batches still in flight fail (their callers get a ConnectionError) and close their
+        # connections before the pools go: awaited, so nothing is left to a closed loop.
+        batches = list(getattr(self, "_batches", ()))
+        for task in batches:
             task.cancel()
+        await asyncio.gather(*batches, return_exceptions=True)
         await super().aclose(close_connection_pool)
         if hasattr(self, "_batch_pool"):
             await self._batch_pool.disconnect()
