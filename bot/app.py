@@ -42,7 +42,9 @@ def create_app(settings: Settings) -> web.Application:
     """A bot replica: the public API plus /healthz and /readyz (metrics are served apart)."""
     app = web.Application(middlewares=middleware.build(settings), client_max_size=MAX_BODY)
     app[SETTINGS] = settings
-    app[STATE] = ReplicaState()
+    state = app[STATE] = ReplicaState()
+    # Read when scraped: nothing per request (one replica per process, so one state).
+    metrics.INFLIGHT.set_function(lambda: state.inflight)
     app.cleanup_ctx.extend([clients_ctx, replica_ctx, dependency_watch_ctx])
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
@@ -65,7 +67,7 @@ async def clients_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Redis client and the HTTP session, for the life of the app."""
     settings = app[SETTINGS]
     async with (
-        runtime.redis_client(settings.redis_url) as redis,
+        runtime.redis_client(settings.redis_url, auto_pipeline=True) as redis,
         runtime.http_client(limit=200) as http,
     ):
         app[REDIS], app[HTTP] = redis, http

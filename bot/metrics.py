@@ -60,19 +60,53 @@ REPLIES_DELIVERED = Counter("bot_replies_delivered", "Deferred replies stored in
 DEPENDENCY_UP = Gauge(
     "bot_dependency_up", "Dependency reachability from this process", ["dependency"]
 )
+# How many commands each auto-pipelined batch sent to Redis at once (`bot.autopipe`).
+REDIS_BATCH = Histogram(
+    "bot_redis_batch_commands",
+    "Redis commands sent together in one auto-pipelined batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 BUILD_INFO = Gauge("bot_build_info", "Build information (always 1)", ["version"])
 
 MESSAGE_OUTCOMES = ("replied", "queued", "rate_limited", "duplicate", "rejected", "shed")
+# Each outcome's series, bound once: `labels()` is a locked dict lookup the hot path need not pay.
+MESSAGE = {outcome: MESSAGES.labels(outcome=outcome) for outcome in MESSAGE_OUTCOMES}
 # max_attempts: the upstream kept failing; redelivered: the worker kept dying or failing on it;
 # unreadable: a work-queue body that is not a job; outbox_unreadable: the same in the outbox.
 DEAD_REASONS = ("max_attempts", "redelivered", "unreadable", "outbox_unreadable")
 
 
+class HttpSeries:
+    """`bot_http_requests_total` and `bot_http_request_duration_seconds` by route, method and
+    code, each series bound the first time it is seen (labels bounded as the metrics are)."""
+
+    _MAX = 4096  # series kept bound; past that (methods made up by a client), labels() each time
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, int], Counter] = {}
+        self._times: dict[tuple[str, str], Histogram] = {}
+
+    def observe(self, route: str, method: str, code: int, seconds: float) -> None:
+        count = self._counts.get((route, method, code))
+        if count is None:
+            count = HTTP_REQUESTS.labels(route, method, str(code))
+            if len(self._counts) < self._MAX:
+                self._counts[(route, method, code)] = count
+        count.inc()
+        took = self._times.get((route, method))
+        if took is None:
+            took = HTTP_DURATION.labels(route, method)
+            if len(self._times) < self._MAX:
+                self._times[(route, method)] = took
+        took.observe(seconds)
+
+
+HTTP = HttpSeries()
+
+
 def init() -> None:
     """Create every labelled series at zero so dashboards and alerts see them from the start."""
     BUILD_INFO.labels(version=VERSION).set(1)
-    for outcome in MESSAGE_OUTCOMES:
-        MESSAGES.labels(outcome=outcome)
     for result in ("hit", "miss", "stale"):
         CACHE_LOOKUPS.labels(result=result)
     for outcome in ("ok", "error", "timeout", "short_circuited"):

@@ -20,6 +20,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from bot import metrics
+from bot.autopipe import AutoPipelineRedis
 
 __all__ = [
     "cancel_and_wait",
@@ -31,9 +32,16 @@ __all__ = [
 ]
 
 
-def make_redis(url: str, *, socket_timeout: float = 1.0, **kwargs: Any) -> Redis:
-    """A Redis client whose every call has a timeout (it connects on first use)."""
-    redis: Redis = Redis.from_url(
+def make_redis(
+    url: str, *, socket_timeout: float = 1.0, auto_pipeline: bool = False, **kwargs: Any
+) -> Redis:
+    """A Redis client whose every call has a timeout (it connects on first use).
+
+    With `auto_pipeline`, the commands of one event-loop tick go as one pipeline, answered
+    within `socket_timeout` as a batch (`bot.autopipe`): for the replica's shared client.
+    """
+    cls = AutoPipelineRedis if auto_pipeline else Redis
+    redis: Redis = cls.from_url(
         url,
         decode_responses=True,
         socket_timeout=socket_timeout,
@@ -41,6 +49,8 @@ def make_redis(url: str, *, socket_timeout: float = 1.0, **kwargs: Any) -> Redis
         health_check_interval=15,
         **kwargs,
     )
+    if isinstance(redis, AutoPipelineRedis):
+        redis.batching(socket_timeout)
     return redis
 
 

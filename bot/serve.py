@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import uvloop
 from aiohttp import web
 
@@ -11,6 +13,19 @@ from bot.logging import get_logger
 from bot.settings import Settings
 
 log = get_logger(__name__)
+
+# The collector's first generation runs every GEN0 new container objects (Python's default:
+# 700, a collection every few requests here); the objects of one request die with it, by
+# reference counting, so collecting ten times less often finds the same garbage.
+GEN0, GEN1, GEN2 = 7000, 10, 10
+
+
+def settle_heap() -> None:
+    """After start-up: what it built lives as long as the process, so the collector stops
+    walking it (`gc.freeze`), and young objects are collected less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GEN0, GEN1, GEN2)
 
 
 async def _serve(settings: Settings, host: str, port: int, metrics_port: int) -> None:
@@ -29,6 +44,7 @@ async def _serve(settings: Settings, host: str, port: int, metrics_port: int) ->
     await runner.setup()
     async with runtime.metrics_server(host, metrics_port):
         await web.TCPSite(runner, host, port, backlog=1024, reuse_address=True).start()
+        settle_heap()
         log.info("replica_started", port=port, metrics_port=metrics_port)
         await runtime.stop_event().wait()
         # Drain: not ready any more, stop accepting, let in-flight requests finish, close

@@ -242,7 +242,8 @@ class Store:
         `take_over` (a claim seen pending whose holder's heartbeat is gone), that claim is
         taken over if it is still the one holding the message.
         """
-        token = self.heartbeat.token()
+        # A message answered in advance is stored, never claimed: no claim token to make.
+        token = self.heartbeat.token() if answered is None else ""
         finished: list[str | int | bytes] = []
         if answered is not None:
             record, entry = answered

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+import unicodedata
+
 import pytest
 
 from bot.core.commands import Command, parse
-from bot.core.validation import parse_message
+from bot.core.validation import FORBIDDEN_RE, parse_message
 from bot.errors import BadRequest, RateLimited
 from bot.ratelimit import LocalLimiter, Policy
 from bot.settings import Rate, SettingsError, load_settings, parse_rate
@@ -59,6 +62,28 @@ def test_message_trims_text_and_falls_back_to_request_id() -> None:
 def test_bad_messages_are_rejected(payload: object) -> None:
     with pytest.raises(BadRequest):
         parse_message(payload, "req")
+
+
+def test_the_control_character_pattern_is_the_unicode_rule_over_every_code_point() -> None:
+    """One precompiled pattern stands for "category Cc but tab, newline and carriage return,
+    and every (lone) surrogate": the same code points as unicodedata's, all 1 114 112 of them,
+    and the validation refuses each of those and nothing else."""
+    every = "".join(map(chr, range(sys.maxunicode + 1)))
+    category = unicodedata.category
+    expected = {
+        i
+        for i, ch in enumerate(every)
+        if (c := category(ch)) == "Cs" or (c == "Cc" and ch not in "\t\n\r")
+    }
+    assert {m.start() for m in FORBIDDEN_RE.finditer(every)} == expected
+    assert len(expected) == 65 - 3 + 2048
+    for cp in [*expected, 0x09, 0x0A, 0x0D, 0x20, 0x7E, 0xA0, 0x2028, 0xFEFF, 0x10FFFF]:
+        text = f"a{chr(cp)}b"
+        if cp in expected:
+            with pytest.raises(BadRequest):
+                parse_message({"user_id": "u", "text": text}, "r")
+        else:
+            assert parse_message({"user_id": "u", "text": text}, "r").text == text
 
 
 def test_text_limit_counts_after_trimming() -> None:

@@ -50,7 +50,7 @@ async def post_message(request: web.Request) -> web.Response:
         msg = parse_message(payload, request[REQUEST_ID])
         authorize_user(request, msg.user_id)
     except (BadRequest, Forbidden):
-        metrics.MESSAGES.labels(outcome="rejected").inc()
+        metrics.MESSAGE["rejected"].inc()
         raise
     service = request.app[REPLICA].service
     outcome = await service.handle(msg)

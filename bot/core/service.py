@@ -129,7 +129,7 @@ class BotService:
             outcome = await asyncio.shield(flight)
         finally:
             self._waiting -= 1
-        metrics.MESSAGES.labels(outcome="duplicate").inc()
+        metrics.MESSAGE["duplicate"].inc()
         return Outcome(outcome.kind, outcome.body, replayed=True)
 
     def _landed(self, key: tuple[str, str], flight: asyncio.Future[Outcome]) -> None:
@@ -162,7 +162,7 @@ class BotService:
             replay.rate = adm.rate
             return replay
         if adm.kind == "limited":
-            metrics.MESSAGES.labels(outcome="rate_limited").inc()
+            metrics.MESSAGE["rate_limited"].inc()
             assert adm.rate is not None
             raise RateLimited(
                 "too many messages; slow down",
@@ -171,7 +171,7 @@ class BotService:
             )
 
         if known is not None:  # stored with the admission (or Redis is down: not stored)
-            metrics.MESSAGES.labels(outcome="replied").inc()
+            metrics.MESSAGE["replied"].inc()
             known.rate = adm.rate
             return known
 
@@ -225,7 +225,7 @@ class BotService:
             return Admission("ok", rate=state)
 
     async def _replay(self, msg: Message, record: Record) -> Outcome:
-        metrics.MESSAGES.labels(outcome="duplicate").inc()
+        metrics.MESSAGE["duplicate"].inc()
         if record.kind == "queued" and self.inbox is not None:
             # Once the deferred reply exists, the replay returns it instead of "queued".
             try:
@@ -271,7 +271,7 @@ class BotService:
         if cmd.name == "ask":
             return await self._ask(msg, cmd.args[0], context)
         reply = await self._command(msg.user_id, cmd)
-        metrics.MESSAGES.labels(outcome="replied").inc()
+        metrics.MESSAGE["replied"].inc()
         return self._replied(msg, reply, cached=False)
 
     def _replied(self, msg: Message, reply: str, *, cached: bool) -> Outcome:
@@ -294,9 +294,9 @@ class BotService:
                 ) from None
             job = Job(msg.message_id, msg.user_id, question, context)
             await self.deferrer.defer(job, exc.retry_after)
-            metrics.MESSAGES.labels(outcome="queued").inc()
+            metrics.MESSAGE["queued"].inc()
             return Outcome("queued", {"message_id": msg.message_id, "status": "queued"})
-        metrics.MESSAGES.labels(outcome="replied").inc()
+        metrics.MESSAGE["replied"].inc()
         outcome = self._replied(msg, answer.text, cached=answer.cached)
         outcome.cache = answer.cache
         return outcome

@@ -14,18 +14,27 @@ from loadtests.bench.measure import Result
 
 
 def header() -> str:
+    """cpu us/req: every serving process; bot us: the Python replicas alone; redis us: Redis's
+    INFO cpu (anything else using that Redis included); gen us: wrk's own; busy: the share of
+    the machine's cores busy; others: cores busy with work not charged here (another agent's
+    tests on a shared machine: rows with others near 0 are the ones to trust)."""
     return (
         f"{'measurement':<20} {'req/s':>9} {'ok req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'cpu us/req':>10} {'redis us':>9} {'wrk us':>7} {'busy':>5}  notes"
+        f"{'cpu us/req':>10} {'bot us':>7} {'redis us':>9} {'gen us':>7} {'busy':>5} "
+        f"{'others':>6}  notes"
     )
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def row(r: Result) -> str:
-    redis = "-" if r.redis_cpu_us_per_req is None else f"{r.redis_cpu_us_per_req:.0f}"
     return (
         f"{r.name:<20} {r.rps:>9.0f} {r.ok_rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-        f"{r.cpu_us_per_req:>10.0f} {redis:>9} {r.wrk_cpu_us_per_req:>7.0f} "
-        f"{r.machine_busy:>5.0%}  {'; '.join(r.notes)}"
+        f"{r.cpu_us_per_req:>10.0f} {_us(r.replica_cpu_us_per_req):>7} "
+        f"{_us(r.redis_cpu_us_per_req):>9} {r.wrk_cpu_us_per_req:>7.0f} "
+        f"{r.machine_busy:>5.0%} {r.others_cores:>6.2f}  {'; '.join(r.notes)}"
     )
 
 
@@ -54,6 +63,7 @@ def summary(
         f"{hit} / {full}": ratio(hit, full),
         "limiter_on / limiter_off": ratio("limiter_on", "limiter_off"),
     }
+    goals = _goals(r, full, hit)
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "target": cfg.target,
@@ -66,7 +76,20 @@ def summary(
         "full_path_row": full,
         "cache_hit_row": hit,
         "ratios": ratios,
+        "goals": goals,
         "profile": profile,
+    }
+
+
+def _goals(r: dict[str, Result], full: str, hit: str) -> dict[str, float | None]:
+    """The hot path's figures that issue 17 sets goals for (in `docs/scaling.md`)."""
+    half = r.get("half_load")
+    return {
+        f"replica cpu us/msg ({full})": r[full].replica_cpu_us_per_req if full in r else None,
+        f"replica cpu us/msg ({hit})": r[hit].replica_cpu_us_per_req if hit in r else None,
+        f"redis cpu us/msg ({full})": r[full].redis_cpu_us_per_req if full in r else None,
+        "half_load p50 ms": half.p50_ms if half else None,
+        "half_load p99 ms": half.p99_ms if half else None,
     }
 
 
@@ -74,6 +97,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("ratios (ok req/s):")
     for k, v in summary["ratios"].items():
         print(f"  {k:<36} {'-' if v is None else f'{v:.3f}'}")
+    print("per message:")
+    for k, v in summary.get("goals", {}).items():
+        print(f"  {k:<36} {'-' if v is None else f'{v:.1f}'}")
     prof = summary.get("profile") or {}
     if prof.get("by_component"):
         print(f"profile of replica 1 under /echo ({prof['samples']} samples, {prof['file']}):")
@@ -81,6 +107,8 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"  component {share:>6.1%}  {f}")
         for f, share in prof["bot_inclusive"][:10]:
             print(f"  bot code  {share:>6.1%}  {f}")
+        for f, share in prof["self"][:10]:
+            print(f"  self      {share:>6.1%}  {f}")
 
 
 def save(report_root: Path, summary: dict[str, Any]) -> Path:

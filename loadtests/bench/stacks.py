@@ -35,7 +35,6 @@ from infra.common import (
 from infra.nginxconf import render_nginx
 from loadtests.bench.config import BenchConfig
 from loadtests.bench.measure import HERE
-from loadtests.observe import listening_pids
 
 # NGINX's per-address guard opened, so only the stack itself limits one load generator.
 OPEN_EDGE = {"BOT_EDGE_RATE": "1000000", "BOT_EDGE_BURST": "1000000", "BOT_EDGE_CONN": "60000"}
@@ -98,8 +97,9 @@ def bare_replicas(n: int) -> Iterator[tuple[list[int], list[int]]]:
 
 
 @contextlib.contextmanager
-def replicas_via_nginx(cfg: BenchConfig, tmp: Path) -> Iterator[tuple[str, list[int]]]:
-    """The stack's NGINX config, rendered as the runner does, in front of bare replicas."""
+def replicas_via_nginx(cfg: BenchConfig, tmp: Path) -> Iterator[tuple[str, list[int], list[int]]]:
+    """The stack's NGINX config, rendered as the runner does, in front of bare replicas
+    (yields the URL, every pid, the replicas' pids)."""
     n = cfg.stack.replicas
     base = free_port_block(300)
     settings = dataclasses.replace(
@@ -119,7 +119,7 @@ def replicas_via_nginx(cfg: BenchConfig, tmp: Path) -> Iterator[tuple[str, list[
     cmds = [[sys.executable, "-m", "loadtests.bench.hello", str(p)] for p in ports]
     cmds.append([_nginx(), "-c", str(paths.run / "nginx.conf"), "-p", str(paths.run)])
     with _processes(cmds, [*ports, base]) as pids:
-        yield f"http://127.0.0.1:{base}", pids
+        yield f"http://127.0.0.1:{base}", pids, pids[:n]
 
 
 def broker_answers(settings: Settings) -> bool:
@@ -155,12 +155,6 @@ def private_stack(cfg: BenchConfig, tmp: Path, limiter: bool) -> Iterator[Settin
         with contextlib.redirect_stdout(io.StringIO()):
             runner.down(paths)
         drop_queues(settings)
-
-
-def redis_pids(settings: Settings) -> list[int]:
-    """The Redis server's pids, to charge its CPU to the requests (a local one only)."""
-    url = urlparse(settings.redis_url)
-    return listening_pids(url.port or 6379) if url.scheme.startswith("redis") else []
 
 
 def probe(url: str, text: str) -> requests.Response:
