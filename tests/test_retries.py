@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.answers import Answer
+from bot.answers import ASK, Answer, Ask
 from bot.core.types import Job
 from bot.errors import Unavailable, UpstreamUnavailable
 from bot.inbox import APOLOGY, Inbox
@@ -212,7 +212,7 @@ class ScriptedUpstream:
         self.retry_after = retry_after
         self.succeed_at = succeed_at
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         self.calls[question].append(time.monotonic())
         if len(self.calls[question]) + 1 >= self.succeed_at:  # +1: the replica's attempt
             return Answer(f"answer to {question}")
@@ -334,7 +334,7 @@ class Answers:
     def __init__(self) -> None:
         self.questions: list[str] = []
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         self.questions.append(question)
         return Answer(f"answer to {question}")
 
