@@ -14,13 +14,14 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import requests
 from aiohttp import ClientResponse
 from prometheus_client import REGISTRY
 
 from bot.answers import INCOMPLETE_NOTES, Ask
 from bot.errors import UpstreamRejected, UpstreamUnavailable
 from bot.upstream import OpenAIClient, parse_duration, retry_after
-from tests.support import AppClient, Upstream, unique
+from tests.support import AppClient, Stack, Upstream, unique
 
 _LIMITS = {"BOT_RATE_LIMIT": "1000/second", "BOT_RATE_BURST": "1000"}
 _OPENAI = {"UPSTREAM_KIND": "openai", "UPSTREAM_MODEL": "stub-model", **_LIMITS}
@@ -473,3 +474,34 @@ async def test_a_streamed_ask_that_queues_or_fails_validation(
     cut = parse_events(await (await ask(client, unique("q"), Accept="text/event-stream")).text())
     assert [name for name, _ in cut] == ["delta", "delta", "done"], cut
     assert cut[-1][1]["reply"].endswith(INCOMPLETE_NOTES["truncated"])
+
+
+# --- through NGINX ---------------------------------------------------------------------------
+
+
+def test_a_streamed_answer_reaches_the_client_through_nginx_as_it_grows(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """NGINX passes each event on as it comes (no buffering of the stream)."""
+    stack = make_stack(BOT_REPLICAS="1", **_OPENAI)
+    requests.post(stack.stub_url + "/admin/llm", json={"token_ms": 300}, timeout=5)
+    question = "name five stars please"  # 7 pieces, 0.3 s apart
+    started = time.monotonic()
+    seen: list[tuple[float, str]] = []
+    with requests.post(
+        stack.url + "/v1/messages",
+        json={"user_id": unique(), "text": question},
+        headers={"Accept": "text/event-stream"},
+        stream=True,
+        timeout=30,
+    ) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        for line in resp.iter_lines(chunk_size=1):
+            if line.startswith(b"event: "):
+                seen.append((time.monotonic() - started, line[7:].decode()))
+    names = [name for _, name in seen]
+    assert names == ["delta"] * 7 + ["done"], names
+    first, last = seen[0][0], seen[-1][0]
+    assert last - first >= 1.5, seen  # 6 gaps of 0.3 s: the deltas came one by one
+    assert first < last / 3, seen
