@@ -9,20 +9,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 import requests
+import yaml
 from aiohttp import ClientResponse
+from openapi_core import OpenAPI
+from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
 from prometheus_client import REGISTRY
 
 from bot.answers import INCOMPLETE_NOTES, Ask
 from bot.errors import UpstreamRejected, UpstreamUnavailable
+from bot.settings import SettingsError, load_settings
 from bot.upstream import OpenAIClient, parse_duration, retry_after
 from tests.support import AppClient, Stack, Upstream, unique
 
+ROOT = Path(__file__).resolve().parent.parent
 _LIMITS = {"BOT_RATE_LIMIT": "1000/second", "BOT_RATE_BURST": "1000"}
 _OPENAI = {"UPSTREAM_KIND": "openai", "UPSTREAM_MODEL": "stub-model", **_LIMITS}
 
@@ -505,3 +511,52 @@ def test_a_streamed_answer_reaches_the_client_through_nginx_as_it_grows(
     first, last = seen[0][0], seen[-1][0]
     assert last - first >= 1.5, seen  # 6 gaps of 0.3 s: the deltas came one by one
     assert first < last / 3, seen
+    # As docs/openapi.yaml says it answers.
+    spec = {**yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())}
+    api = OpenAPI.from_dict({**spec, "servers": [{"url": stack.url}]})
+    req = requests.Request(
+        "POST",
+        stack.url + "/v1/messages",
+        json={"user_id": unique(), "text": question},
+        headers={"Accept": "text/event-stream"},
+    )
+    resp = requests.Session().send(req.prepare(), timeout=30)
+    api.validate_response(RequestsOpenAPIRequest(req), RequestsOpenAPIResponse(resp))
+    assert resp.text.startswith("event: done\n")  # a cache hit: the final answer only
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def test_llm_settings_parse_and_refuse_bad_values(tmp_path: Path) -> None:
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("You are terse.\nAnswer in English.\n")
+    s = load_settings(
+        {
+            "UPSTREAM_KIND": "openai",
+            "UPSTREAM_MODELS": "gpt-4o, gpt-4o-mini,gpt-4o",
+            "UPSTREAM_SYSTEM_PROMPT_FILE": str(prompt),
+            "UPSTREAM_TEMPERATURE": "",
+            "UPSTREAM_PRICES": "gpt-4o=2.5/10,gpt-4o-mini=0.15/0.6",
+            "UPSTREAM_DAILY_BUDGET": "25",
+        },
+        dotenv=Path("/dev/null"),
+    )
+    assert s.upstream_models == ("gpt-4o", "gpt-4o-mini")
+    assert s.upstream_system_prompt == "You are terse.\nAnswer in English."
+    assert s.upstream_temperature is None and s.upstream_max_tokens == 1024
+    assert s.upstream_prices == (("gpt-4o", 2.5, 10.0), ("gpt-4o-mini", 0.15, 0.6))
+    assert (s.upstream_connect_timeout, s.upstream_first_token_timeout) == (3.0, 20.0)
+    # An LLM's whole answer bounds the claim and the single-flight lock, not the stub's 2 s.
+    assert s.call_timeout == 90.0 and s.lease_ms == 185_000
+    assert load_settings({}, dotenv=Path("/dev/null")).call_timeout == 2.0
+    for name, value in [
+        ("UPSTREAM_TEMPERATURE", "3"),
+        ("UPSTREAM_PRICES", "gpt-4o=cheap"),
+        ("UPSTREAM_MODELS", "bad model"),
+        ("UPSTREAM_MAX_TOKENS", "0"),
+        ("UPSTREAM_FIRST_TOKEN_TIMEOUT", "200"),  # longer than the total's 90
+    ]:
+        with pytest.raises(SettingsError) as raised:
+            load_settings({name: value}, dotenv=Path("/dev/null"))
+        assert raised.value.name == name
