@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,17 @@ from bot.answers import INCOMPLETE_NOTES, Ask
 from bot.errors import UpstreamRejected, UpstreamUnavailable
 from bot.settings import SettingsError, load_settings
 from bot.upstream import OpenAIClient, parse_duration, retry_after
-from tests.support import AppClient, Stack, Upstream, unique
+from loadtests import stream as stream_load
+from tests.support import (
+    AppClient,
+    Stack,
+    Upstream,
+    claim_redis_db,
+    release_redis_db,
+    stack_dir,
+    stack_env,
+    unique,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 _LIMITS = {"BOT_RATE_LIMIT": "1000/second", "BOT_RATE_BURST": "1000"}
@@ -485,11 +496,29 @@ async def test_a_streamed_ask_that_queues_or_fails_validation(
 # --- through NGINX ---------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def llm_stack() -> Iterator[Stack]:
+    """One private stack whose replicas ask the stub as an LLM (its own Redis DB)."""
+    owner = f"llm-{uuid.uuid4().hex[:8]}"
+    db = claim_redis_db(owner)
+    try:
+        with stack_dir() as base:
+            stack = Stack(base / "run", stack_env(db, BOT_REPLICAS="2", **_OPENAI))
+            stack.start()
+            try:
+                yield stack
+            finally:
+                stack.stop()
+    finally:
+        release_redis_db(db, owner)
+
+
+@pytest.mark.system
 def test_a_streamed_answer_reaches_the_client_through_nginx_as_it_grows(
-    make_stack: Callable[..., Stack],
+    llm_stack: Stack,
 ) -> None:
     """NGINX passes each event on as it comes (no buffering of the stream)."""
-    stack = make_stack(BOT_REPLICAS="1", **_OPENAI)
+    stack = llm_stack
     requests.post(stack.stub_url + "/admin/llm", json={"token_ms": 300}, timeout=5)
     question = "name five stars please"  # 7 pieces, 0.3 s apart
     started = time.monotonic()
@@ -523,6 +552,18 @@ def test_a_streamed_answer_reaches_the_client_through_nginx_as_it_grows(
     resp = requests.Session().send(req.prepare(), timeout=30)
     api.validate_response(RequestsOpenAPIRequest(req), RequestsOpenAPIResponse(resp))
     assert resp.text.startswith("event: done\n")  # a cache hit: the final answer only
+    requests.post(stack.stub_url + "/admin/llm", json={}, timeout=5)
+
+
+@pytest.mark.system
+def test_the_stream_load_test_measures_first_and_last_byte(llm_stack: Stack) -> None:
+    """`python -m loadtests.stream`, briefly: every answer whole, its moments in order."""
+    summary = stream_load.run(llm_stack.url, 4, 4, 40, llm_stack.stub_url)
+    assert summary["failed"] == 0 and summary["answers"] >= 4, summary
+    first, delta, last = (summary[m]["p50"] for m in stream_load.MOMENTS)
+    # 9 pieces 40 ms apart: the whole answer comes at least 0.3 s after its first words.
+    assert first <= delta < last and last - delta >= 300, summary
+    assert "sooner than the whole answer" in stream_load.render(summary, 4)
 
 
 # --- settings ----------------------------------------------------------------------------------
