@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import requests
 
-from loadtests.cache_latency import _pct
+from loadtests.cache_latency import percentile
 
 LOCUSTFILE = Path(__file__).with_name("stream_locustfile.py")
 MOMENTS = ("first byte", "first delta", "last byte")
@@ -38,7 +38,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for moment in MOMENTS:
         values = [r[moment] for r in ok if moment in r]
         if values:
-            out[moment] = {f"p{q}": round(_pct(values, q / 100), 1) for q in (50, 95, 99)}
+            out[moment] = {f"p{q}": round(percentile(values, q / 100), 1) for q in (50, 95, 99)}
     return out
 
 
