@@ -22,6 +22,7 @@ from aiohttp import ClientResponse
 from openapi_core import OpenAPI
 from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAPIResponse
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from bot.answers import INCOMPLETE_NOTES, Ask
 from bot.errors import UpstreamRejected, UpstreamUnavailable
@@ -195,12 +196,16 @@ async def test_permanent_errors_are_rejections_with_the_providers_code(
     counted = {404: "not_found_error"}.get(status, counted)
     before = sample("bot_upstream_errors_total", status=str(status), code=counted)
     client, session = await bot_client(upstream)
-    with pytest.raises(UpstreamRejected) as raised:
+    with capture_logs() as events, pytest.raises(UpstreamRejected) as raised:
         await client.answer("q", [])
     await session.close()
     assert (raised.value.status, raised.value.code) == (status, counted)
     assert sample("bot_upstream_errors_total", status=str(status), code=counted) == before + 1
     assert upstream.stats().calls == 1
+    (logged,) = [e for e in events if e["event"] == "upstream_rejected"]
+    assert (logged["status"], logged["code"], logged["model"]) == (status, counted, "m-1")
+    assert logged["provider_message"] == f"stub error {status}"
+    assert "sk-test" not in repr(events)
 
 
 @pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503])
@@ -409,6 +414,35 @@ async def test_single_flight_waiters_get_the_same_incomplete_answer(
     assert {b["reply"] for b in bodies} == {
         f"[1] You asked: {question}" + INCOMPLETE_NOTES["length"]
     }
+
+
+@pytest.mark.parametrize(
+    ("faults", "reply"),
+    [
+        ({"finish_reason": "length"}, "[1] You asked: {q}" + INCOMPLETE_NOTES["length"]),
+        ({"status": 404, "code": "model_not_found"}, "not available"),
+    ],
+)
+async def test_waiters_on_another_replica_get_the_same_uncached_reply_from_one_call(
+    make_app_client: Callable[..., Awaitable[AppClient]],
+    upstream: Upstream,
+    faults: dict[str, Any],
+    reply: str,
+) -> None:
+    """Two replicas (two apps, one Redis): the second waits on the first's call through the
+    cache's single-flight lock, and gets its incomplete answer or its refusal, not a call."""
+    first = await make_app_client(**_OPENAI)
+    second = await make_app_client(**_OPENAI)
+    upstream.faults(latency_ms=300)  # the leader's call is under way while the others ask
+    upstream.llm(**faults)
+    question = unique("q")
+    leader = asyncio.ensure_future(ask(first, question))
+    while upstream.stats().calls == 0:
+        await asyncio.sleep(0.01)
+    waiters = await asyncio.gather(*(ask(second, question) for _ in range(3)))
+    replies = [(await r.json())["reply"] for r in [await leader, *waiters]]
+    assert upstream.stats().calls == 1
+    assert len(set(replies)) == 1 and reply.format(q=question) in replies[0]
 
 
 async def test_the_model_pref_is_limited_to_the_allow_list(
