@@ -9,8 +9,11 @@ half-open: one probe at a time goes through; a success closes the circuit, a fai
 it again. Only that probe's verdict counts: every call carries the breaker's epoch (bumped on
 each change of state) from the moment it was let through, and an outcome from an earlier
 epoch (a call that started before the circuit opened and ends late) changes nothing, so a
-slow success cannot close an open circuit. Per process on purpose: each replica judges the
-upstream from its own calls, with no shared state that could itself fail.
+slow success cannot close an open circuit. Only failures count: timeouts (connect, first
+token, total) and errors worth retrying; a slow answer within its timeouts is a success, and a
+permanent refusal (`UpstreamRejected`: 400/401/404...) trips nothing. Per process on
+purpose: each replica judges the upstream from its own calls, with no shared state that could
+itself fail.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from bot import metrics
-from bot.answers import Answer, Answerer
-from bot.errors import UpstreamUnavailable
+from bot.answers import ASK, Answer, Answerer, Ask
+from bot.errors import UpstreamRejected, UpstreamUnavailable
 from bot.logging import get_logger
 from bot.settings import Settings
 
@@ -197,19 +200,27 @@ class BreakerAnswerer:
         self.breaker = breaker
         self._short = metrics.UPSTREAM_REQUESTS.labels(outcome="short_circuited")
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         try:
             ticket = self.breaker.acquire()
         except UpstreamUnavailable:
             self._short.inc()
             raise
         try:
-            answer = await self.inner.answer(question, context)
+            answer = await self.inner.answer(question, context, ask)
         except UpstreamUnavailable as exc:
             self.breaker.failure(ticket, exc.retry_after)
+            raise
+        except UpstreamRejected:
+            # The upstream is there and answering: it refused this call (a bad key, an
+            # unknown model, a bad request), which says nothing about its health.
+            self.breaker.success(ticket)
             raise
         except BaseException:
             self.breaker.release(ticket)
             raise
-        self.breaker.success(ticket)
+        if answer.upstream_failed:  # a stream that broke midway: the user has its part
+            self.breaker.failure(ticket)
+        else:
+            self.breaker.success(ticket)
         return answer

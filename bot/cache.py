@@ -38,9 +38,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.answers import Answer, Answerer
+from bot.answers import ASK, Answer, Answerer, Ask
 from bot.core.types import CacheResult
-from bot.errors import UpstreamUnavailable
+from bot.errors import UpstreamRejected, UpstreamUnavailable
 from bot.logging import get_logger
 
 if TYPE_CHECKING:
@@ -95,29 +95,32 @@ class CachedAnswerer:
             for cache in get_args(CacheResult)
         }
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         if context:
-            return await self._private(question, context)
-        cid = cache_id(question, self.kind)
+            return await self._private(question, context, ask)
+        kind = self.kind if not ask.model else f"{self.kind.partition(':')[0]}:{ask.model}"
+        cid = cache_id(question, kind)
         flight = self._flights.get(cid)
         if flight is None:
-            flight = asyncio.ensure_future(self._resolve(cid, question, context))
+            # The first asker's sink gets the pieces as they stream; the others in this
+            # process share the flight and get the same (final) answer.
+            flight = asyncio.ensure_future(self._resolve(cid, question, context, ask))
             self._flights[cid] = flight
             flight.add_done_callback(lambda done: self._landed(cid, done))
         try:
             # Shielded: a caller that goes away must not cancel the others' flight.
             answer = await asyncio.shield(flight)
-        except UpstreamUnavailable:
+        except (UpstreamUnavailable, UpstreamRejected):
             self._lookups["MISS"].inc()
             raise
         self._lookups[answer.cache].inc()
         return answer
 
-    async def _private(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def _private(self, question: str, context: list[dict[str, Any]], ask: Ask) -> Answer:
         """A question asked with context: this user's own answer, never shared (see above)."""
         self._lookups["MISS"].inc()
-        answer = await self.inner.answer(question, context)
-        return Answer(answer.text, "MISS")
+        answer = await self.inner.answer(question, context, ask)
+        return Answer(answer.text, "MISS", answer.incomplete)
 
     def _landed(self, cid: str, flight: asyncio.Task[Answer]) -> None:
         if self._flights.get(cid) is flight:
@@ -125,7 +128,9 @@ class CachedAnswerer:
         if not flight.cancelled():
             flight.exception()  # retrieved: every caller may have gone
 
-    async def _resolve(self, cid: str, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def _resolve(
+        self, cid: str, question: str, context: list[dict[str, Any]], ask: Ask
+    ) -> Answer:
         keys = [f"cache:{{{cid}}}:a", f"cache:{{{cid}}}:lock", f"cache:{{{cid}}}:err"]
         token = self.heartbeat.token() if self.heartbeat is not None else uuid.uuid4().hex
         stale: str | None = None
@@ -142,16 +147,20 @@ class CachedAnswerer:
                 # No cache and no single-flight without Redis, but the question still
                 # deserves its answer: ask the upstream directly.
                 log.warning("cache_unavailable", error=type(exc).__name__)
-                return await self.inner.answer(question, context)
+                return await self.inner.answer(question, context, ask)
             status = _str(res[0])
             if res[1] is not None:
                 if status == "hit":
                     return Answer(_str(res[1]), "HIT" if since == 0 else "MISS")
                 stale = _str(res[1])
             if status == "lead":
-                return await self._lead(keys, token, question, context, stale)
+                return await self._lead(keys, token, question, context, ask, stale)
             if status == "failed":
                 marker = orjson.loads(res[3])
+                if "answer" in marker:  # an incomplete answer: the same for every waiter
+                    return Answer(marker["answer"], "MISS", marker["incomplete"])
+                if "rejected" in marker:
+                    raise UpstreamRejected(*marker["rejected"])
                 return self._fallback(stale, marker["reason"], marker.get("retry_after"))
             if since == 0:
                 since = int(res[2])
@@ -174,14 +183,32 @@ class CachedAnswerer:
         token: str,
         question: str,
         context: list[dict[str, Any]],
+        ask: Ask,
         stale: str | None,
     ) -> Answer:
         try:
-            answer = await self.inner.answer(question, context)
+            answer = await self.inner.answer(question, context, ask)
         except UpstreamUnavailable as exc:
             marker = orjson.dumps({"reason": exc.reason, "retry_after": exc.retry_after})
             await self._run(keys, "fail", token, marker, self.lock_ms)
             return self._fallback(stale, exc.reason, exc.retry_after)
+        except UpstreamRejected as exc:
+            # Refused for good: the waiters get the same refusal, not a call of their own.
+            rejected = {"reason": str(exc), "rejected": [exc.status, exc.code, exc.message]}
+            await self._run(keys, "fail", token, orjson.dumps(rejected), self.lock_ms)
+            raise
+        if not answer.cacheable:
+            # Not the whole answer (cut, empty, refused): never stored, but handed to the
+            # waiters of this one call through its failure marker, which no later lookup sees.
+            marker = orjson.dumps(
+                {
+                    "reason": answer.incomplete,
+                    "answer": answer.text,
+                    "incomplete": answer.incomplete,
+                }
+            )
+            await self._run(keys, "fail", token, marker, self.lock_ms)
+            return Answer(answer.text, "MISS", answer.incomplete)
         await self._run(keys, "store", token, answer.text, self.keep_ms)
         return Answer(answer.text, "MISS")
 

@@ -151,6 +151,38 @@ class UpstreamUnavailable(Exception):
         self.retry_after = retry_after
 
 
+class UpstreamRejected(Exception):
+    """The upstream refused the call for good (400/401/403/404/422...): retrying cannot help.
+
+    Not retried, not counted against the circuit breaker; the user gets `apology` at once.
+    `code` is the provider's own error code (``invalid_api_key``, ``model_not_found``).
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"upstream answered {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @property
+    def apology(self) -> str:
+        """What the user is told: a sentence per class of refusal, no provider internals."""
+        if self.status in (401, 403):
+            return (
+                "Sorry, the language model refused this bot's credentials, so I cannot "
+                "answer right now. The operators have been told."
+            )
+        if self.status == 404:
+            return (
+                "Sorry, the language model this bot is set to use is not available. "
+                "If you chose one with /prefs set model, try /prefs del model."
+            )
+        return (
+            "Sorry, the language model could not take this message as it is. "
+            "Try rephrasing or shortening it."
+        )
+
+
 class HttpError(BotError):
     """Any other 4xx the HTTP layer raises (kept as JSON like the rest)."""
 

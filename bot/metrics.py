@@ -47,6 +47,22 @@ UPSTREAM_DURATION = Histogram(
     "Duration of upstream API calls",
     buckets=_UPSTREAM_BUCKETS,
 )
+# Upstream answers with an error status, by status and the provider's error code (bounded: a
+# code outside [a-z0-9_.-]{1,64} counts as "other").
+UPSTREAM_ERRORS = Counter(
+    "bot_upstream_errors", "Upstream error answers by status and provider code", ["status", "code"]
+)
+# LLM answers that are not the whole answer (bot.answers.Incomplete), never cached.
+UPSTREAM_INCOMPLETE = Counter(
+    "bot_upstream_incomplete", "Upstream answers that were not whole, by reason", ["reason"]
+)
+UPSTREAM_TOKENS = Counter(
+    "bot_upstream_tokens", "Tokens the upstream reported using", ["kind", "model"]
+)
+UPSTREAM_COST = Counter(
+    "bot_upstream_cost_usd", "Estimated upstream cost in USD (UPSTREAM_PRICES)", ["model"]
+)
+UPSTREAM_BUDGET = Gauge("bot_upstream_budget_usd", "UPSTREAM_DAILY_BUDGET: USD a day (0: none)")
 CIRCUIT_STATE = Gauge("bot_circuit_state", "Upstream circuit: 0 closed, 1 open, 2 half-open")
 INFLIGHT = Gauge("bot_inflight_requests", "Requests being handled by this process")
 RETRY_JOBS_PUBLISHED = Counter("bot_retry_jobs_published", "Retry jobs confirmed by the broker")
@@ -73,7 +89,8 @@ MESSAGE_OUTCOMES = ("replied", "queued", "rate_limited", "duplicate", "rejected"
 MESSAGE = {outcome: MESSAGES.labels(outcome=outcome) for outcome in MESSAGE_OUTCOMES}
 # max_attempts: the upstream kept failing; redelivered: the worker kept dying or failing on it;
 # unreadable: a work-queue body that is not a job; outbox_unreadable: the same in the outbox.
-DEAD_REASONS = ("max_attempts", "redelivered", "unreadable", "outbox_unreadable")
+# rejected: the upstream refused the question for good (a 4xx such as 400/401/404).
+DEAD_REASONS = ("max_attempts", "rejected", "redelivered", "unreadable", "outbox_unreadable")
 
 
 class HttpSeries:
@@ -111,6 +128,8 @@ def init() -> None:
         CACHE_LOOKUPS.labels(result=result)
     for outcome in ("ok", "error", "timeout", "short_circuited"):
         UPSTREAM_REQUESTS.labels(outcome=outcome)
+    for reason in ("content_null", "empty_choices", "length", "truncated"):
+        UPSTREAM_INCOMPLETE.labels(reason=reason)
     for outcome in ("success", "retry", "dead"):
         RETRY_ATTEMPTS.labels(outcome=outcome)
     for reason in DEAD_REASONS:

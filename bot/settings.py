@@ -121,6 +121,18 @@ class Settings:
     upstream_kind: str = "stub"  # stub | openai
     upstream_model: str = "gpt-4o-mini"
     upstream_api_key: str = ""
+    # LLM upstream (UPSTREAM_KIND=openai): docs/upstream.md. Models a user may pick with the
+    # pref `model` besides UPSTREAM_MODEL; empty: the pref is not offered.
+    upstream_models: tuple[str, ...] = ()
+    upstream_system_prompt: str = ""
+    upstream_max_tokens: int = 1024
+    upstream_temperature: float | None = None  # None: the provider's default
+    upstream_connect_timeout: float = 3.0
+    upstream_first_token_timeout: float = 20.0
+    upstream_total_timeout: float = 90.0
+    # USD per million tokens, (prompt, completion), by model: the cost estimate's table.
+    upstream_prices: tuple[tuple[str, float, float], ...] = (("gpt-4o-mini", 0.15, 0.60),)
+    upstream_daily_budget: float = 0.0  # USD a day before UpstreamBudgetExceeded; 0: none
     replicas: int = 3
     rate_limit: Rate = Rate(30, 60.0)
     rate_burst: int = 10
@@ -206,10 +218,17 @@ class Settings:
         return self.metrics_port_base + 98
 
     @property
+    def call_timeout(self) -> float:
+        """The longest one upstream call may take: an LLM's total, else the stub's timeout."""
+        if self.upstream_kind == "openai":
+            return self.upstream_total_timeout
+        return self.upstream_timeout
+
+    @property
     def lease_ms(self) -> int:
         """How long a claim on a message holds before another request may answer it: two
         upstream calls (the asker's, and a cache takeover's) and a margin to store it."""
-        return int((2 * self.upstream_timeout + 5) * 1000)
+        return int((2 * self.call_timeout + 5) * 1000)
 
     @property
     def api_access(self) -> str:
@@ -292,6 +311,48 @@ def _memory(v: str) -> str:
     return v.lower()
 
 
+def _optional_float(lo: float, hi: float) -> _Parser:
+    bounded = _float(lo, hi)
+
+    def parse(v: str) -> object:
+        return None if not v.strip() else bounded(v)
+
+    return parse
+
+
+_MODEL_RE = re.compile(r"[A-Za-z0-9_.:/@-]{1,128}")
+
+
+def _model(v: str) -> str:
+    v = v.strip()
+    if not _MODEL_RE.fullmatch(v):
+        raise ValueError("a model name is 1-128 chars of [A-Za-z0-9_.:/@-]")
+    return v
+
+
+def _models(v: str) -> tuple[str, ...]:
+    models = tuple(dict.fromkeys(_model(m) for m in v.split(",") if m.strip()))
+    return models
+
+
+def parse_prices(text: str) -> tuple[tuple[str, float, float], ...]:
+    """``model=PROMPT/COMPLETION,...``: USD per million prompt and completion tokens."""
+    prices: list[tuple[str, float, float]] = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        model, sep, pair = item.partition("=")
+        prompt, slash, completion = pair.partition("/")
+        try:
+            p, c = float(prompt), float(completion)
+        except ValueError:
+            p = c = -1.0
+        if not (sep and slash) or min(p, c) < 0 or max(p, c) > 1e6:
+            raise ValueError("expected model=PROMPT/COMPLETION (USD per million tokens), ...")
+        prices.append((_model(model), p, c))
+    return tuple(prices)
+
+
 def _queue_prefix(v: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
         raise ValueError("must be 1-64 chars of [A-Za-z0-9_.-]")
@@ -305,8 +366,17 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "AMQP_URL": ("amqp_url", _url("amqp", "amqps")),
     "UPSTREAM_URL": ("upstream_url", _url("http", "https")),
     "UPSTREAM_KIND": ("upstream_kind", _choice("stub", "openai")),
-    "UPSTREAM_MODEL": ("upstream_model", _text),
+    "UPSTREAM_MODEL": ("upstream_model", _model),
     "UPSTREAM_API_KEY": ("upstream_api_key", _text),
+    "UPSTREAM_MODELS": ("upstream_models", _models),
+    "UPSTREAM_SYSTEM_PROMPT": ("upstream_system_prompt", _text),
+    "UPSTREAM_MAX_TOKENS": ("upstream_max_tokens", _int(1, 1_000_000)),
+    "UPSTREAM_TEMPERATURE": ("upstream_temperature", _optional_float(0.0, 2.0)),
+    "UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", _float(0.01, 60)),
+    "UPSTREAM_FIRST_TOKEN_TIMEOUT": ("upstream_first_token_timeout", _float(0.01, 600)),
+    "UPSTREAM_TOTAL_TIMEOUT": ("upstream_total_timeout", _float(0.01, 3600)),
+    "UPSTREAM_PRICES": ("upstream_prices", parse_prices),
+    "UPSTREAM_DAILY_BUDGET": ("upstream_daily_budget", _float(0, 1e9)),
     "BOT_REPLICAS": ("replicas", _int(1, 64)),
     "BOT_RATE_LIMIT": ("rate_limit", parse_rate),
     "BOT_RATE_BURST": ("rate_burst", _int(0, 100_000)),
@@ -353,6 +423,8 @@ _ENV: dict[str, tuple[str, _Parser]] = {
 }
 # Secrets may come from a file (Docker/Kubernetes secrets): NAME_FILE points at it.
 _FILE_VARS = ("BOT_API_KEYS", "UPSTREAM_API_KEY")
+# Settings too long for an environment variable may come from a file the same way.
+_TEXT_FILE_VARS = ("UPSTREAM_SYSTEM_PROMPT",)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -384,7 +456,7 @@ def merged_environ(
 def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None = None) -> Settings:
     """Build `Settings` from the environment, then `.env`, then defaults."""
     env = merged_environ(environ, dotenv)
-    for name in _FILE_VARS:
+    for name in _FILE_VARS + _TEXT_FILE_VARS:
         file_name = env.get(name + "_FILE")
         if file_name and name not in env:
             try:
@@ -420,6 +492,12 @@ def _check(s: Settings) -> None:
         raise SettingsError("BOT_REPLICAS", str(s.replicas), "port range exceeds 65535")
     if s.public_port in replicas | metrics:
         raise SettingsError("BOT_PUBLIC_PORT", str(s.public_port), "overlaps replica ports")
+    if s.upstream_first_token_timeout > s.upstream_total_timeout:
+        raise SettingsError(
+            "UPSTREAM_FIRST_TOKEN_TIMEOUT",
+            str(s.upstream_first_token_timeout),
+            "is longer than UPSTREAM_TOTAL_TIMEOUT",
+        )
 
 
 ENV_VARS = tuple(_ENV)  # every variable the stack reads; the runner passes these on

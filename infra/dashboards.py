@@ -114,6 +114,38 @@ BOT_OVERVIEW: list[Panel] = [
         ],
     ),
     (
+        "LLM tokens/s by model",
+        "short",
+        [
+            (
+                "{{model}} {{kind}}",
+                f"sum by (model, kind) (rate(bot_upstream_tokens_total{{{SEL}}}[{R}]))",
+            )
+        ],
+    ),
+    (
+        "LLM cost (USD, 24 h) by model",
+        "currencyUSD",
+        [
+            ("{{model}}", f"sum by (model) (increase(bot_upstream_cost_usd_total{{{SEL}}}[1d]))"),
+            ("daily budget", "max(bot_upstream_budget_usd) > 0"),
+        ],
+    ),
+    (
+        "LLM errors by status and code",
+        "reqps",
+        [
+            (
+                "{{status}} {{code}}",
+                f"sum by (status, code) (rate(bot_upstream_errors_total{{{SEL}}}[{R}]))",
+            ),
+            (
+                "incomplete: {{reason}}",
+                f"sum by (reason) (rate(bot_upstream_incomplete_total{{{SEL}}}[{R}]))",
+            ),
+        ],
+    ),
+    (
         "Circuit state (0 closed, 1 open, 2 half-open)",
         "none",
         [("{{replica}}", f"max by (replica) (bot_circuit_state{{{SEL}}})")],

@@ -6,8 +6,16 @@ edge behaves the same wherever it runs.
 
 from __future__ import annotations
 
+import math
+
 from bot.settings import Settings
 from infra.common import ROOT, Paths, render_template
+
+
+def read_timeout(settings: Settings) -> int:
+    """NGINX's `proxy_read_timeout`, seconds: a long poll's 30 s with a margin, or one
+    upstream call's longest (an LLM's whole answer, not streamed) with one."""
+    return max(45, math.ceil(settings.call_timeout) + 10)
 
 
 def render_nginx(
@@ -44,5 +52,6 @@ def render_nginx(
             "addr_rate": settings.edge_rate,
             "addr_burst": settings.edge_burst,
             "addr_conn": settings.edge_conn,
+            "read_timeout": read_timeout(settings),
         },
     )

@@ -4,7 +4,10 @@
 
 `GET /answer?q=` (or `POST /answer` with `{"q", "context"}`, or the OpenAI-compatible
 `POST /v1/chat/completions`) answers after `latency_ms`;
-`POST /admin/faults` sets `error_rate`, `latency_ms` and `outage`; `GET /admin/stats` counts
+`POST /admin/faults` sets `error_rate`, `latency_ms` and `outage`; `POST /admin/llm` makes the
+next chat completions misbehave as an LLM provider can (an error status with OpenAI's error
+body and headers, a slow first token, a stream cut midway, `content: null`, no choices,
+`finish_reason: length`); `GET /admin/stats` counts
 calls and failures; `POST /admin/reset` clears both. Answers carry the call's sequence
 number so tests can tell one upstream call from another, and `POST /answer`'s a digest of
 the context it was given (so a test sees whose conversation an answer was computed with).
@@ -28,6 +31,7 @@ from infra.common import settings_or_exit
 
 FAULTS = web.AppKey("faults", dict)
 STATS = web.AppKey("stats", dict)
+LLM = web.AppKey("llm", dict)
 
 
 @dataclass
@@ -85,44 +89,192 @@ async def answer(request: web.Request) -> web.Response:
     return _json({"answer": text, "context_messages": len(context)})
 
 
-async def chat_completions(request: web.Request) -> web.Response:
-    """An OpenAI-compatible chat completion: answers the last user message, same faults."""
+@dataclass
+class LlmFaults:
+    """How the next chat completions misbehave (`POST /admin/llm`); `times` of them, then
+    the rest answer normally (0: every one)."""
+
+    status: int = 0  # an error answer with this status (OpenAI's error body)
+    code: str = ""  # its error code (e.g. invalid_api_key, insufficient_quota)
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. Retry-After, x-ratelimit-*
+    first_token_ms: int = 0  # wait before the first content piece (streaming)
+    token_ms: int = 0  # wait between pieces
+    cut_after: int = -1  # close the stream after this many content pieces (-1: never)
+    content_null: bool = False  # message.content null (a refusal), with `refusal`
+    refusal: str = ""
+    empty_choices: bool = False
+    finish_reason: str = "stop"
+    times: int = 0
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_denied",
+    404: "not_found_error",
+    409: "conflict",
+    422: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
+
+
+def _openai_error(
+    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """An error as OpenAI's API writes it: `{"error": {message, type, param, code}}`."""
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return _json(body, status, headers)
+
+
+def _tokens(text: str) -> int:
+    return len(text.split())
+
+
+def _completion(
+    n: int, model: str, choices: list[dict[str, Any]], obj: str, **extra: Any
+) -> dict[str, Any]:
+    """A completion (`chat.completion`) or one chunk of a stream (`chat.completion.chunk`)."""
+    return {
+        "id": f"chatcmpl-stub-{n}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **extra,
+    }
+
+
+def _chunk(n: int, model: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    body = _completion(n, model, choices, "chat.completion.chunk", **extra)
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI's `POST /v1/chat/completions`: answers the last user message, streamed when
+    asked (`stream: true`, usage with `stream_options.include_usage`), with the stub's faults
+    and the LLM faults of `POST /admin/llm`."""
     try:
         data = await request.json(loads=orjson.loads)
-        messages = [(str(m["role"]), str(m["content"])) for m in data["messages"]]
-        model = str(data.get("model", ""))
-        if not messages or messages[-1][0] != "user":
+        messages = [(str(m["role"]), m.get("content")) for m in data["messages"]]
+        model = data["model"]
+        if not isinstance(model, str) or not model or not messages:
             raise ValueError
-    except (ValueError, KeyError, TypeError):
-        return _json({"error": {"message": "expected {model, messages: [...user]}"}}, 400)
+        if messages[-1][0] != "user" or not isinstance(messages[-1][1], str):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return _openai_error(400, "expected {model, messages: [..., {role: user, content}]}")
     failed = await _fault(request)
     if failed is not None:
-        return failed
+        retry = (
+            {"Retry-After": failed.headers["Retry-After"]}
+            if "Retry-After" in failed.headers
+            else {}
+        )
+        return _openai_error(failed.status, "stub fault", None, retry)
     stats: Stats = request.app[STATS]["now"]
-    q = messages[-1][1]
+    n = stats.calls
+    q = str(messages[-1][1])
     stats.last = {
         "q": q,
         "context": [{"role": r, "content": c} for r, c in messages[:-1]],
         "model": model,
         "authorization": request.headers.get("Authorization", ""),
+        "max_tokens": data.get("max_tokens"),
+        "temperature": data.get("temperature"),
+        "stream": bool(data.get("stream")),
     }
-    n = stats.calls
-    return _json(
-        {
-            "id": f"chatcmpl-stub-{n}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
+    llm = request.app[LLM]
+    fault: LlmFaults = llm["now"]
+    if fault.times:
+        fault.times -= 1
+        if fault.times == 0:
+            llm["now"] = LlmFaults()
+    headers = {
+        "x-request-id": f"req_stub_{n}",
+        "openai-processing-ms": "1",
+        "x-ratelimit-limit-requests": "10000",
+        "x-ratelimit-remaining-requests": "9999",
+        "x-ratelimit-reset-requests": "6ms",
+        **fault.headers,
+    }
+    if fault.status:
+        stats.failures += 1
+        return _openai_error(
+            fault.status, f"stub error {fault.status}", fault.code or None, headers
+        )
+    text = f"[{n}] You asked: {q}"
+    usage = {
+        "prompt_tokens": sum(_tokens(str(c or "")) for _, c in messages),
+        "completion_tokens": _tokens(text),
+    }
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    content = None if fault.content_null else text
+    if not data.get("stream"):
+        await asyncio.sleep(fault.first_token_ms / 1000)
+        message = {"role": "assistant", "content": content, "refusal": fault.refusal or None}
+        choices = (
+            []
+            if fault.empty_choices
+            else [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": f"[{n}] You asked: {q}"},
-                    "finish_reason": "stop",
+                    "message": message,
+                    "finish_reason": fault.finish_reason,
+                    "logprobs": None,
                 }
-            ],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        }
+            ]
+        )
+        body = _completion(n, model, choices, "chat.completion", usage=usage)
+        return _json(body, headers=headers)
+    resp = web.StreamResponse(
+        headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
+    await resp.prepare(request)
+    if not fault.empty_choices:
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        await resp.write(_chunk(n, model, [role]))
+    await asyncio.sleep(fault.first_token_ms / 1000)
+    pieces = (
+        []
+        if content is None or fault.empty_choices
+        else [w if i == 0 else " " + w for i, w in enumerate(content.split(" "))]
+    )
+    if fault.content_null and fault.refusal:
+        await resp.write(
+            _chunk(
+                n, model, [{"index": 0, "delta": {"refusal": fault.refusal}, "finish_reason": None}]
+            )
+        )
+    for i, piece in enumerate(pieces):
+        if i == fault.cut_after:
+            # Cut midway: the connection closes with no final chunk and no [DONE].
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        if i and fault.token_ms:
+            await asyncio.sleep(fault.token_ms / 1000)
+        delta = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+        await resp.write(_chunk(n, model, [delta]))
+    if not fault.empty_choices:
+        end = {"index": 0, "delta": {}, "finish_reason": fault.finish_reason}
+        await resp.write(_chunk(n, model, [end]))
+    if (data.get("stream_options") or {}).get("include_usage"):
+        await resp.write(_chunk(n, model, [], usage=usage))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def set_llm(request: web.Request) -> web.Response:
+    """Set the LLM faults of the next chat completions (fields of `LlmFaults`)."""
+    try:
+        data = await request.json(loads=orjson.loads)
+        fault = LlmFaults(**data)
+    except (ValueError, TypeError):
+        return _json({"error": "expected fields of LlmFaults"}, 400)
+    request.app[LLM]["now"] = fault
+    return _json(asdict(fault))
 
 
 async def set_faults(request: web.Request) -> web.Response:
@@ -149,6 +301,7 @@ async def stats(request: web.Request) -> web.Response:
 
 async def reset(request: web.Request) -> web.Response:
     request.app[STATS]["now"] = Stats()
+    request.app[LLM]["now"] = LlmFaults()
     return _json({"calls": 0, "failures": 0})
 
 
@@ -160,10 +313,12 @@ def create_stub_app(latency_ms: int = 300) -> web.Application:
     app = web.Application()
     app[FAULTS] = {"now": Faults(latency_ms=latency_ms)}
     app[STATS] = {"now": Stats()}
+    app[LLM] = {"now": LlmFaults()}
     app.router.add_route("GET", "/answer", answer)
     app.router.add_route("POST", "/answer", answer)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/admin/faults", set_faults)
+    app.router.add_post("/admin/llm", set_llm)
     app.router.add_get("/admin/stats", stats)
     app.router.add_post("/admin/reset", reset)
     app.router.add_get("/healthz", healthz)

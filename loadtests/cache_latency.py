@@ -19,7 +19,8 @@ import uuid
 import aiohttp
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The `q` quantile (0..1) of `values`, nearest rank."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -66,7 +67,7 @@ def main() -> None:
         p50[cache] = statistics.median(values)
         print(
             f"{cache:<4} n={len(results.get(cache, [])):<5} p50={p50[cache]:8.2f} ms "
-            f"p99={_pct(values, 0.99):8.2f} ms"
+            f"p99={percentile(values, 0.99):8.2f} ms"
         )
     print(f"miss/hit p50 ratio: {p50['MISS'] / p50['HIT']:.0f}x")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,13 @@ def _preflight(cfg: LoadConfig) -> str | None:
     if resp.status_code != 200:
         return f"{cfg.target}/healthz answered {resp.status_code}"
     return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def run_locust(cfg: LoadConfig, run_dir: Path) -> int:
@@ -71,7 +79,10 @@ def run_locust(cfg: LoadConfig, run_dir: Path) -> int:
     if cfg.processes > 1 or cfg.scenario == "hostile":
         # Master and workers. The hostile clients run in the master, which plays the shape
         # but runs no user: what they cost the load generator never shows as user latency.
+        # On a port of its own: locust's fixed 5557 is taken by any other run on the machine.
+        port = _free_port()
         cmd += ["--processes", str(cfg.processes)]
+        cmd += ["--master-bind-port", str(port), "--master-port", str(port)]
     env = {
         **os.environ,
         "LOAD_SCENARIO": cfg.scenario,

@@ -167,6 +167,7 @@ SLOW_FILES_FIRST = (  # by their time on 4 workers, slowest first (--durations=0
     "test_observability_stack",
     "test_hostile_api",
     "test_ratelimit",
+    "test_llm",
 )
 
 

@@ -32,7 +32,7 @@ from bot.settings import load_settings
 from infra import common, runner
 from infra.common import Paths, drop_queues
 from infra.common import free_port as free_port  # the tests take it from here
-from infra.stub import FAULTS, STATS, Stats
+from infra.stub import FAULTS, LLM, STATS, LlmFaults, Stats
 from infra.supervise import supervisorctl
 
 REDIS_HOST = "127.0.0.1"
@@ -221,6 +221,10 @@ class Upstream:
 
     def faults(self, **faults: Any) -> None:
         self.server.app[FAULTS]["now"] = replace(self.server.app[FAULTS]["now"], **faults)
+
+    def llm(self, **faults: Any) -> None:
+        """How the next chat completions misbehave (`infra.stub.LlmFaults`)."""
+        self.server.app[LLM]["now"] = LlmFaults(**faults)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import requests
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from bot.answers import Answer
+from bot.answers import ASK, Answer, Ask
 from bot.breaker import CLOSED, HALF_OPEN, OPEN, BreakerAnswerer, CircuitBreaker
 from bot.errors import UpstreamUnavailable
 from bot.settings import load_settings
@@ -165,7 +165,7 @@ class Flaky:
         self.calls = 0
         self.fail = True
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         self.calls += 1
         if self.fail:
             raise UpstreamUnavailable("upstream answered 500")

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from bot.answers import Answer
+from bot.answers import ASK, Answer, Ask
 from bot.cache import CachedAnswerer, cache_id, normalise
 from bot.errors import UpstreamUnavailable
 from tests.support import AppClient, Stack, Upstream, post, unique
@@ -30,7 +30,7 @@ class CountingUpstream:
         self.calls = 0
         self.fail = False
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         self.calls += 1
         n = self.calls
         await asyncio.sleep(self.delay)

@@ -20,7 +20,7 @@ import redis as redis_sync
 import requests
 from redis.asyncio import Redis
 
-from bot.answers import MAX_REPLY_CHARS, Answer, bounded
+from bot.answers import ASK, MAX_REPLY_CHARS, Answer, Ask, bounded
 from bot.core.service import BotService
 from bot.core.validation import Message, parse_message
 from bot.errors import Unavailable
@@ -38,7 +38,7 @@ class SlowUpstream:
     def __init__(self, name: str, delay: float) -> None:
         self.name, self.delay, self.calls = name, delay, 0
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         self.calls += 1
         await asyncio.sleep(self.delay)
         return Answer(f"{self.name}: {question}")
@@ -316,7 +316,7 @@ class FixedUpstream:
     def __init__(self, text: str) -> None:
         self.text = text
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         return Answer(bounded(self.text))
 
 

@@ -45,7 +45,12 @@ def obs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         BOT_REPLICAS="3",
         BOT_RATE_LIMIT="100/second",
         BOT_RATE_BURST="1000",
-        BOT_UPSTREAM_TIMEOUT="0.5",
+        # The stub asked as an LLM, so the LLM panels and rules have their series too.
+        UPSTREAM_KIND="openai",
+        UPSTREAM_MODEL="gpt-4o-mini",
+        UPSTREAM_FIRST_TOKEN_TIMEOUT="1",
+        UPSTREAM_TOTAL_TIMEOUT="2",
+        UPSTREAM_DAILY_BUDGET="100",
         BOT_BREAKER_MIN_CALLS="3",
         BOT_BREAKER_CONSECUTIVE="2",
         BOT_BREAKER_OPEN_SECONDS="60",
@@ -141,6 +146,10 @@ def test_bot_overview_queries_return_data_after_traffic(obs: Stack) -> None:
         post(obs.url + "/v1/messages", {"user_id": user, "text": f"/echo {i}"}).raise_for_status()
     for i in range(6):  # three questions, each asked twice: upstream calls and cache hits
         post(obs.url + "/v1/messages", {"user_id": user, "text": f"what is {i % 3}?"})
+    # One question the LLM refuses for good (an apology, no retry, no breaker failure): the
+    # provider errors panel has a series.
+    requests.post(obs.stub_url + "/admin/llm", json={"status": 400, "times": 1}, timeout=5)
+    post(obs.url + "/v1/messages", {"user_id": unique(), "text": "a question it refuses?"})
     requests.get(obs.url + "/v1/nowhere", timeout=5)
     time.sleep(3)  # a few scrapes and rule evaluations
 

@@ -26,9 +26,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.answers import Answer
+from bot.answers import ASK, Answer, Ask
 from bot.core.types import Job
-from bot.errors import Unavailable, UpstreamUnavailable
+from bot.errors import Unavailable, UpstreamRejected, UpstreamUnavailable
 from bot.inbox import APOLOGY, Inbox
 from bot.retries import dlq, topology
 from bot.retries import worker as worker_module
@@ -73,6 +73,10 @@ def test_any_delay_is_served_by_the_levels_largest_first() -> None:
 def test_job_round_trips_and_garbage_is_refused() -> None:
     job = Job("m-1", "u-1", "why?", [{"q": "a", "a": "b"}], first_seen=10.0, attempt=3)
     assert decode(encode(job, 42.5)) == (job, 42.5)
+    chosen = replace(job, model="m-big")  # the user's model goes with the job
+    assert decode(encode(chosen, 1.0)) == (chosen, 1.0)
+    with pytest.raises(ValueError, match="model"):
+        decode(b'{"message_id": "m", "user_id": "u", "question": "q", "model": 5}')
     with pytest.raises(ValueError):
         decode(b'{"nope": 1}')
 
@@ -212,7 +216,7 @@ class ScriptedUpstream:
         self.retry_after = retry_after
         self.succeed_at = succeed_at
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         self.calls[question].append(time.monotonic())
         if len(self.calls[question]) + 1 >= self.succeed_at:  # +1: the replica's attempt
             return Answer(f"answer to {question}")
@@ -334,7 +338,7 @@ class Answers:
     def __init__(self) -> None:
         self.questions: list[str] = []
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         self.questions.append(question)
         return Answer(f"answer to {question}")
 
@@ -515,6 +519,38 @@ async def test_job_redelivered_up_to_the_limit_is_parked_with_reason_and_apology
     assert [decode(m.body)[0].message_id for m in dead] == [j.message_id]
     assert str((dead[0].headers or {}).get("reason")).startswith("redelivered: delivered 4 times")
     assert dead_letter_count("redelivered") - before == 1
+
+
+class Refusing:
+    """An upstream that refuses every question for good (a revoked key), recording the asks."""
+
+    def __init__(self) -> None:
+        self.models: list[str] = []
+
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
+        self.models.append(ask.model)
+        raise UpstreamRejected(401, "invalid_api_key", "Incorrect API key provided")
+
+
+async def test_a_job_the_upstream_refuses_for_good_is_parked_at_once_with_its_apology(
+    settings: Settings, redis: Redis
+) -> None:
+    inbox, upstream = Inbox(redis), Refusing()
+    j = replace(job(), model="m-big")
+    before = dead_letter_count("rejected")
+    async with running_worker(settings, inbox, upstream) as wb:
+        await wb.publish(encode(j, 0.0), wb.topology.work, message_id=j.message_id)
+        replies = await wait_inbox(inbox, j.user_id, 1, timeout=15)
+        dead: list[aio_pika.abc.AbstractIncomingMessage] = []
+        deadline = time.monotonic() + 10
+        while not dead and time.monotonic() < deadline:
+            dead = await dead_letters(wb)
+    assert upstream.models == ["m-big"]  # asked once, with the user's model: no retries
+    assert [r.message_id for r in replies] == [j.message_id]
+    assert "credentials" in replies[0].reply
+    reason = str((dead[0].headers or {}).get("reason"))
+    assert reason.startswith("rejected: upstream answered 401 invalid_api_key"), reason
+    assert dead_letter_count("rejected") - before == 1
 
 
 async def test_full_redis_holds_jobs_without_spinning_and_loses_none(

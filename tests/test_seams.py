@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from bot import runtime
-from bot.answers import Answer
+from bot.answers import ASK, Answer, Ask
 from bot.api import keys
 from bot.api.keys import REPLICA
 from bot.app import create_app
@@ -85,7 +85,7 @@ class _Upstream:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         if self.fail:
             raise UpstreamUnavailable("down for the test", 2.0)
         return Answer(f"answer to {question}")

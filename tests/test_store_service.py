@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bot.answers import Answer
+from bot.answers import ASK, Answer, Ask
 from bot.core.service import BotService
 from bot.core.types import Record
 from bot.core.validation import Message
@@ -127,7 +127,7 @@ class Upstream:
         self.delay = delay
         self.fail = fail
 
-    async def answer(self, question: str, context: list[dict[str, Any]]) -> Answer:
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
         self.calls.append((question, context))
         await asyncio.sleep(self.delay)
         if self.fail:

@@ -37,6 +37,7 @@ async def put_prefs(request: web.Request) -> web.Response:
     if len(values) > MAX_PREFS:  # before checking each of them
         raise TooManyPrefs()
     clean = {check_pref_key(k): check_pref_value(v) for k, v in values.items()}
+    request.app[REPLICA].service.check_prefs(clean)
     try:
         prefs = await request.app[REPLICA].store.set_prefs(user, clean)
     except TooManyPrefs as exc:

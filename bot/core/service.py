@@ -20,12 +20,19 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.answers import bounded
+from bot.answers import Ask, Sink, bounded
 from bot.cache import CachedAnswerer
 from bot.core import commands
 from bot.core.types import Admission, Context, Job, Outcome, Record
 from bot.core.validation import Message, check_pref_key, check_pref_value
-from bot.errors import BadRequest, Busy, RateLimited, Unavailable, UpstreamUnavailable
+from bot.errors import (
+    BadRequest,
+    Busy,
+    RateLimited,
+    Unavailable,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
 from bot.inbox import Inbox
 from bot.logging import get_logger
 from bot.ratelimit import LocalLimiter, Policy
@@ -64,6 +71,8 @@ class BotService:
         wait_timeout: float = 10.0,
         limit: bool = True,
         max_waiting: int = MAX_WAITING_DUPLICATES,
+        models: tuple[str, ...] = (),
+        default_model: str = "",
     ) -> None:
         self.store = store
         self.answerer = answerer
@@ -74,6 +83,10 @@ class BotService:
         self.wait_timeout = wait_timeout
         self.limit = limit
         self.max_waiting = max_waiting
+        # The models a user may choose with the pref `model` (UPSTREAM_MODELS), besides
+        # the configured one; none: the pref means nothing.
+        self.models = models
+        self.default_model = default_model
         self._flights: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
         self._waiting = 0
         if isinstance(answerer, CachedAnswerer):
@@ -102,10 +115,16 @@ class BotService:
             inbox=inbox,
             wait_timeout=store.lease_ms / 1000 + 1,
             limit=settings.rate_limit_enabled,
+            models=settings.upstream_models if settings.upstream_kind == "openai" else (),
+            default_model=settings.upstream_model,
         )
 
-    async def handle(self, msg: Message) -> Outcome:
-        """Answer `msg`, or replay the answer it already had."""
+    async def handle(self, msg: Message, sink: Sink | None = None) -> Outcome:
+        """Answer `msg`, or replay the answer it already had.
+
+        `sink` gets the pieces of an upstream answer as they stream in, when this request
+        is the one that asks the upstream (a duplicate, a replay or a cached answer has no
+        pieces: only the outcome)."""
         cmd = commands.parse(msg.text)
         # An answer that needs nothing but the text (/help, /echo) is stored with the
         # admission itself: one Redis round trip for the whole message.
@@ -114,7 +133,7 @@ class BotService:
         flight = self._flights.get(key)
         if flight is not None:
             return await self._join(flight)
-        flight = asyncio.ensure_future(self._handle(msg, cmd, known))
+        flight = asyncio.ensure_future(self._handle(msg, cmd, known, sink))
         self._flights[key] = flight
         flight.add_done_callback(lambda done: self._landed(key, done))
         # Shielded: the first asker going away must not cancel the others' answer.
@@ -138,7 +157,9 @@ class BotService:
         if not flight.cancelled():
             flight.exception()  # retrieved: every asker may have gone
 
-    async def _handle(self, msg: Message, cmd: commands.Command, known: Outcome | None) -> Outcome:
+    async def _handle(
+        self, msg: Message, cmd: commands.Command, known: Outcome | None, sink: Sink | None
+    ) -> Outcome:
         deadline = time.monotonic() + self.wait_timeout
         delay, take_over = _POLL[0], ""
         while True:
@@ -176,7 +197,7 @@ class BotService:
             return known
 
         try:
-            outcome = await self._run(msg, cmd, adm.context)
+            outcome = await self._run(msg, cmd, adm.context, sink)
         except BaseException:
             if adm.token:
                 await self._release(msg, adm.token)
@@ -267,9 +288,11 @@ class BotService:
             await self._release(msg, token)
             return None
 
-    async def _run(self, msg: Message, cmd: commands.Command, context: Context) -> Outcome:
+    async def _run(
+        self, msg: Message, cmd: commands.Command, context: Context, sink: Sink | None
+    ) -> Outcome:
         if cmd.name == "ask":
-            return await self._ask(msg, cmd.args[0], context)
+            return await self._ask(msg, cmd.args[0], context, sink)
         reply = await self._command(msg.user_id, cmd)
         metrics.MESSAGE["replied"].inc()
         return self._replied(msg, reply, cached=False)
@@ -283,16 +306,43 @@ class BotService:
         }
         return Outcome("replied", body)
 
-    async def _ask(self, msg: Message, question: str, context: Context) -> Outcome:
+    async def _model(self, user_id: str) -> str:
+        """The model the user chose, when the allow-list has it; "" for the configured one."""
+        if not self.models:
+            return ""
         try:
-            answer = await self.answerer.answer(question, context)
+            chosen = await self.store.pref(user_id, "model")
+        except RedisError:
+            return ""
+        return chosen if chosen in self.models and chosen != self.default_model else ""
+
+    def check_prefs(self, prefs: dict[str, str]) -> None:
+        """Refuse a pref `model` outside the allow-list (when there is one)."""
+        model = prefs.get("model")
+        allowed = (self.default_model, *self.models)
+        if self.models and model is not None and model not in allowed:
+            raise BadRequest(
+                f"model must be one of: {', '.join(allowed)}", code="invalid_pref_value"
+            )
+
+    async def _ask(
+        self, msg: Message, question: str, context: Context, sink: Sink | None
+    ) -> Outcome:
+        model = await self._model(msg.user_id)
+        try:
+            answer = await self.answerer.answer(question, context, Ask(model, sink))
+        except UpstreamRejected as exc:
+            # Asking again cannot help: the user hears so now, and nothing is queued.
+            log.info("upstream_call_rejected", status=exc.status, message_id=msg.message_id)
+            metrics.MESSAGES.labels(outcome="replied").inc()
+            return self._replied(msg, exc.apology, cached=False)
         except UpstreamUnavailable as exc:
             log.info("upstream_call_failed", reason=exc.reason, message_id=msg.message_id)
             if self.deferrer is None:
                 raise Unavailable(
                     "the upstream API is unavailable; try again", exc.retry_after or 5
                 ) from None
-            job = Job(msg.message_id, msg.user_id, question, context)
+            job = Job(msg.message_id, msg.user_id, question, context, model=model)
             await self.deferrer.defer(job, exc.retry_after)
             metrics.MESSAGE["queued"].inc()
             return Outcome("queued", {"message_id": msg.message_id, "status": "queued"})
@@ -318,6 +368,7 @@ class BotService:
                 check_pref_key(key)
                 if not value:
                     raise BadRequest("usage: /prefs set <key> <value>", code="invalid_command")
+                self.check_prefs({key: value})
                 await self.store.set_prefs(user_id, {key: check_pref_value(value)})
                 return f"{key} = {value}"
             case "prefs_del":

@@ -60,6 +60,7 @@ class Job:
     context: Context
     first_seen: float = field(default_factory=time.time)
     attempt: int = 0
+    model: str = ""  # the user's chosen model ("" for the configured one)
 
 
 @dataclass(frozen=True, slots=True)

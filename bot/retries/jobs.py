@@ -48,7 +48,10 @@ def decode(body: bytes) -> tuple[Job, float]:
     attempt = data.get("attempt") or 0
     if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
         raise ValueError("field attempt is not a whole number >= 0")
-    return Job(message_id, user_id, question, context, first_seen, attempt), not_before
+    model = data.get("model") or ""
+    if not isinstance(model, str):
+        raise ValueError("field model is not a string")
+    return Job(message_id, user_id, question, context, first_seen, attempt, model), not_before
 
 
 _TEXT_FIELDS = ("message_id", "user_id", "question")

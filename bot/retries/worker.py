@@ -28,8 +28,9 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from redis.exceptions import RedisError
 
 from bot import metrics
+from bot.answers import Ask
 from bot.core.types import Job
-from bot.errors import UpstreamUnavailable
+from bot.errors import UpstreamRejected, UpstreamUnavailable
 from bot.inbox import APOLOGY, Inbox
 from bot.logging import get_logger
 from bot.retries.broker import Broker, BrokerUnavailable
@@ -215,9 +216,15 @@ class Worker:
             await message.ack()
             return
         try:
-            answer = await self.answerer.answer(job.question, job.context)
+            answer = await self.answerer.answer(job.question, job.context, Ask(job.model))
         except UpstreamUnavailable as exc:
             await self._failed(job, exc)
+            await message.ack()
+            return
+        except UpstreamRejected as exc:
+            # Refused for good: no more attempts; parked (an operator may replay it once the
+            # key or model is fixed) with the apology that says why.
+            await self._give_up(job, "rejected", str(exc), exc.apology)
             await message.ack()
             return
         if await self.inbox.deliver(job.user_id, job.message_id, answer.text):
@@ -247,13 +254,13 @@ class Worker:
             reason=exc.reason,
         )
 
-    async def _give_up(self, job: Job, code: str, detail: str) -> None:
+    async def _give_up(self, job: Job, code: str, detail: str, apology: str = APOLOGY) -> None:
         """Apologise to the user, then park the job with its reason.
 
         The apology first: should Redis fail, nothing was parked yet and the job is put back
         whole; the inbox keeps one apology per message id whatever happens after.
         """
-        if await self.inbox.deliver(job.user_id, job.message_id, APOLOGY, "apology"):
+        if await self.inbox.deliver(job.user_id, job.message_id, apology, "apology"):
             metrics.REPLIES_DELIVERED.inc()
         await self.broker.dead_letter(
             encode(job, 0.0), code, detail, message_id=job.message_id, user_id=job.user_id
