@@ -12,17 +12,21 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bot.core.types import Reply, ReplyKind
 from bot.inbox_watch import InboxWatch
+from bot.logging import get_logger
 from bot.store import user_key
+
+log = get_logger(__name__)
 
 __all__ = ["APOLOGY", "MAX_WAIT", "PAGE", "Inbox", "Reply", "valid_cursor"]
 
@@ -113,6 +117,20 @@ class Inbox:
             for entry_id, f in entries
         ]
         return replies, (replies[-1].cursor if replies else after)
+
+    async def follow(
+        self, user_id: str, after: str, *, quiet: float, stop: Callable[[], bool]
+    ) -> AsyncIterator[list[Reply]]:
+        """Pages of replies after the cursor as they come, and an empty page after each
+        `quiet` seconds without any, until `stop()`; it ends, too, when Redis fails (the
+        follower resumes later from the last cursor it got, on any replica)."""
+        while not stop():
+            try:
+                replies, after = await self.page(user_id, after, wait=quiet, stop=stop)
+            except RedisError as exc:
+                log.warning("inbox_follow_failed", error=type(exc).__name__)
+                return
+            yield replies
 
     async def _read(self, key: str, after: str, limit: int) -> list[Any]:
         res = await self.redis.xread({key: after}, count=limit)

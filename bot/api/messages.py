@@ -12,8 +12,8 @@ from bot import metrics
 from bot.api.keys import REPLICA
 from bot.api.middleware import REQUEST_ID, authorize_user, require_json
 from bot.api.render import json_response
-from bot.core.types import OutcomeKind
-from bot.core.validation import parse_message
+from bot.core.types import Outcome, OutcomeKind
+from bot.core.validation import Message, parse_message
 from bot.errors import MAX_BODY, BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
 
 # The one place a message's outcome becomes an HTTP status.
@@ -52,6 +52,11 @@ async def post_message(request: web.Request) -> web.Response:
     except (BadRequest, Forbidden):
         metrics.MESSAGES.labels(outcome="rejected").inc()
         raise
+    return (await answer(request, msg))[1]
+
+
+async def answer(request: web.Request, msg: Message) -> tuple[Outcome, web.Response]:
+    """Handle a parsed message: its outcome, and the response that renders it."""
     service = request.app[REPLICA].service
     outcome = await service.handle(msg)
     headers: dict[str, str] = {}
@@ -61,4 +66,4 @@ async def post_message(request: web.Request) -> web.Response:
         headers["Idempotent-Replayed"] = "true"
     if outcome.cache is not None:
         headers["X-Cache"] = outcome.cache
-    return json_response(outcome.body, STATUS[outcome.kind], headers)
+    return outcome, json_response(outcome.body, STATUS[outcome.kind], headers)

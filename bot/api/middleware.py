@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.api.keys import MESSAGES_ROUTE, REPLICA, STATE
+from bot.api.keys import EVENTS_ROUTE, MESSAGES_ROUTE, REPLICA, STATE
 from bot.api.render import error_response
 from bot.api.replies import is_long_poll
 from bot.errors import (
@@ -101,8 +101,8 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 def _never_shed(request: web.Request) -> bool:
-    """Probes, and long polls (bounded apart: `bot.api.longpoll`)."""
-    return request.path in _PROBES or is_long_poll(request)
+    """Probes, long polls and event streams (bounded apart: `bot.api.longpoll`)."""
+    return request.path in _PROBES or request.path == EVENTS_ROUTE or is_long_poll(request)
 
 
 def shed(max_inflight: int) -> Middleware:
@@ -227,9 +227,14 @@ class ClientGuard:
     def __init__(self, trusted: tuple[IpNetwork, ...]) -> None:
         self._trusted = trusted
 
+    def trusts_peer(self, request: web.Request) -> bool:
+        """Whether the TCP peer is a proxy we trust (its forwarding headers count)."""
+        peer = _address(request.remote)
+        return peer is not None and (peer.is_loopback or any(peer in n for n in self._trusted))
+
     def client(self, request: web.Request) -> IpAddress | None:
         peer = _address(request.remote)
-        if peer is None or not (peer.is_loopback or any(peer in n for n in self._trusted)):
+        if not self.trusts_peer(request):
             return peer
         real = request.headers.get("X-Real-IP")
         return peer if real is None else _address(real.strip())
