@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.support import Stack, claim_redis_db, release_redis_db, stack_dir, stack_env
+from tests.support import Stack, claim_redis_db, release_redis_db, running_stack, stack_dir
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import WebDriverException  # noqa: E402
@@ -36,6 +36,17 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SCREENSHOT = ROOT / "reports" / "webchat.png"
 WAITING = "Waiting for an answer…"
 
+# Retries and the breaker quick enough that a deferred answer comes within a second or two.
+CHAT_STACK = {
+    "BOT_RATE_LIMIT": "100/second",
+    "BOT_RATE_BURST": "1000",
+    "BOT_RETRY_BASE_DELAY": "0.2",
+    "BOT_RETRY_MAX_DELAY": "0.5",
+    "BOT_UPSTREAM_TIMEOUT": "1",
+    "BOT_BREAKER_OPEN_SECONDS": "0.5",
+    "BOT_DRAIN_TIMEOUT": "3",
+}
+
 pytestmark = [
     pytest.mark.system,
     pytest.mark.skipif(
@@ -50,24 +61,9 @@ def chat_stack() -> Iterator[Stack]:
     """A stack of the file's own: its tests cut the upstream and kill replicas."""
     owner = f"webchat-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     db = claim_redis_db(owner)
-    env = stack_env(
-        db,
-        BOT_RATE_LIMIT="100/second",
-        BOT_RATE_BURST="1000",
-        BOT_RETRY_BASE_DELAY="0.2",
-        BOT_RETRY_MAX_DELAY="0.5",
-        BOT_UPSTREAM_TIMEOUT="1",
-        BOT_BREAKER_OPEN_SECONDS="0.5",
-        BOT_DRAIN_TIMEOUT="3",
-    )
     try:
-        with stack_dir() as base:
-            stack = Stack(base / "run", env)
-            stack.start()
-            try:
-                yield stack
-            finally:
-                stack.stop()
+        with stack_dir() as base, running_stack(base, db, **CHAT_STACK) as stack:
+            yield stack
     finally:
         release_redis_db(db, owner)
 

@@ -26,6 +26,7 @@ from bot.api.keys import EVENTS_ROUTE, REPLICA, SETTINGS, SIGNER, STATE
 from bot.api.messages import answer, read_json
 from bot.api.middleware import REQUEST_ID, ClientGuard
 from bot.api.render import json_response
+from bot.api.replies import cursor_after, one_query
 from bot.core.types import Reply
 from bot.core.validation import parse_message
 from bot.errors import BadRequest, Forbidden, NotFound, Unauthorized
@@ -132,9 +133,12 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     signer = _signer(request)
     _same_site(request)
     session = _session(request, signer)
-    after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-    if not valid_cursor(after):
-        raise BadRequest("Last-Event-ID must be an event's id", code="invalid_cursor")
+    after = cursor_after(one_query(request, "after"))
+    last_id = request.headers.get("Last-Event-ID")  # the browser's, on a reconnect: it wins
+    if last_id:
+        if not valid_cursor(last_id):
+            raise BadRequest("Last-Event-ID must be an event's id", code="invalid_cursor")
+        after = last_id
     replica, state = request.app[REPLICA], request.app[STATE]
     user = user_id(session)
     with replica.streams.slot(user):
