@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -332,3 +333,28 @@ def test_last_event_id_resumes_without_gap_or_duplicate_on_any_replica(stack: St
         time.sleep(0.2)
     replicas = {e["upstream_addr"] for e in log}
     assert len(replicas) >= 2, replicas
+
+
+@pytest.mark.system
+def test_a_replica_draining_on_sigterm_closes_its_streams_and_the_browser_resumes(
+    stack: Stack,
+) -> None:
+    """A stream held on replica 1 ends when it is told to stop (not after the drain timeout),
+    and a reconnect through NGINX resumes after the last id it got."""
+    http = _http_session(stack)
+    http.post(stack.url + "/chat/messages", json={"text": "/echo a", "message_id": "d1"})
+    direct = stack.replica_url(1)  # past NGINX: the replica's own origin
+    with _stream(http, direct + "/chat/events", Origin=direct) as lines:
+        ((last_id, first),) = _next_events(lines, 1)
+        assert first["message_id"] == "d1"
+        http.post(stack.url + "/chat/messages", json={"text": "/echo b", "message_id": "d2"})
+        _next_events(lines, 1)  # the live one, so the stream is surely held now
+        started = time.monotonic()
+        stack.kill("bot-1", signal.SIGTERM)
+        assert list(lines) is not None  # read to the end: the replica closed it
+        closed_after = time.monotonic() - started
+    assert closed_after < 5, closed_after
+    http.post(stack.url + "/chat/messages", json={"text": "/echo c", "message_id": "d3"})
+    with _stream(http, stack.url + "/chat/events", **{"Last-Event-ID": last_id}) as lines:
+        assert [d["message_id"] for _, d in _next_events(lines, 2)] == ["d2", "d3"]
+    stack.wait_ready("bot-1")
