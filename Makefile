@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCENARIO ?= steady
 # Debian packages the stack and its tests use (installed when running as root). python3-venv
-# first: stock Debian cannot create the venv without it; curl: the README's first request.
+# first: stock Debian cannot create the venv without it; curl: the README's first request;
+# chromium and its driver: the web chat's browser tests.
 APT_PACKAGES := python3-venv curl nginx-light redis-server rabbitmq-server prometheus \
 	prometheus-alertmanager prometheus-nginx-exporter prometheus-redis-exporter mtail wrk \
-	docker-compose
+	docker-compose chromium chromium-driver
 
 .PHONY: install system-deps up down status test lint typecheck unit loadtest bench clean
 

@@ -11,13 +11,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import inbox_watch, metrics, runtime
-from bot.api import docs, health, messages, middleware, prefs, replies
+from bot.api import docs, health, messages, middleware, prefs, replies, webchat
 from bot.api.keys import (
     HTTP,
     MESSAGES_ROUTE,
     REDIS,
     REPLICA,
     SETTINGS,
+    SIGNER,
     STATE,
     Replica,
     ReplicaState,
@@ -34,6 +35,7 @@ from bot.retries.publisher import RetryQueue
 from bot.settings import Settings
 from bot.store import Store
 from bot.upstream import build_answerer, probe
+from bot.websession import SessionSigner
 
 log = get_logger(__name__)
 
@@ -45,6 +47,8 @@ def create_app(settings: Settings) -> web.Application:
     state = app[STATE] = ReplicaState()
     # Read when scraped: nothing per request (one replica per process, so one state).
     metrics.INFLIGHT.set_function(lambda: state.inflight)
+    if settings.webchat_secret:
+        app[SIGNER] = SessionSigner(settings.webchat_secret)
     app.cleanup_ctx.extend([clients_ctx, replica_ctx, dependency_watch_ctx])
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
@@ -52,11 +56,13 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get(replies.ROUTE, replies.get_replies)
     app.router.add_get("/v1/openapi.json", docs.openapi)
     prefs.add_routes(app.router)
+    webchat.add_routes(app.router)
     return app
 
 
 def start_draining(app: web.Application) -> int:
-    """Mark the replica draining (/readyz answers 503, long polls return); the requests in
+    """Mark the replica draining (/readyz answers 503, long polls return, event streams
+    close so browsers reconnect elsewhere); the requests in
     flight, which the server then lets finish."""
     state = app[STATE]
     state.draining = True
@@ -126,6 +132,7 @@ async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
         service=service,
         inbox=inbox,
         longpolls=LongPolls.from_settings(settings),
+        streams=LongPolls.event_streams(settings),
         key_limiter=SharedLimiter.for_api_keys(settings, redis),
         upstream_probe=upstream_ready,
     )

@@ -12,17 +12,21 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bot.core.types import Reply, ReplyKind
 from bot.inbox_watch import InboxWatch
+from bot.logging import get_logger
 from bot.store import user_key
+
+log = get_logger(__name__)
 
 __all__ = ["APOLOGY", "MAX_WAIT", "PAGE", "Inbox", "Reply", "valid_cursor"]
 
@@ -108,11 +112,37 @@ class Inbox:
             entries = await self._watched(key, after, limit, deadline, stop)
         else:
             entries = await self._blocking(key, after, limit, deadline, stop)
-        replies = [
-            Reply(f["m"], f["r"], f["at"], f.get("k", "answer"), entry_id)
-            for entry_id, f in entries
-        ]
+        replies = _replies(entries)
         return replies, (replies[-1].cursor if replies else after)
+
+    async def follow(
+        self, user_id: str, after: str, *, quiet: float, stop: Callable[[], bool]
+    ) -> AsyncIterator[list[Reply]]:
+        """Pages of replies after the cursor as they come, and an empty page after each
+        `quiet` seconds without any, until `stop()`; it ends, too, when Redis fails (the
+        follower resumes later from the last cursor it got, on any replica).
+
+        With a watch, it stays registered for the whole follow (its cursor moving on), so a
+        thousand idle followers cost the watch's one read nothing more than their keys.
+        """
+        try:
+            if self.watch is None:
+                while not stop():
+                    replies, after = await self.page(user_id, after, wait=quiet, stop=stop)
+                    yield replies
+                return
+            key = self._keys(user_id)[0]
+            with self.watch.watching(key, after) as watcher:
+                while not stop():
+                    watcher.news.clear()
+                    replies = _replies(await self._read(key, watcher.after, PAGE))
+                    if replies:
+                        watcher.after = replies[-1].cursor
+                        yield replies
+                    elif not await _news(watcher.news, time.monotonic() + quiet, stop):
+                        yield []
+        except RedisError as exc:
+            log.warning("inbox_follow_failed", error=type(exc).__name__)
 
     async def _read(self, key: str, after: str, limit: int) -> list[Any]:
         res = await self.redis.xread({key: after}, count=limit)
@@ -127,17 +157,9 @@ class Inbox:
         if entries or deadline <= time.monotonic() or stop():
             return entries
         with self.watch.watch(key, after) as news:
-            while not entries and not stop():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                # In slices, so a draining replica lets its polls go within one.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(left, _BLOCK_SLICE_MS / 1000)):
-                        await news.wait()
-                if news.is_set():
-                    news.clear()
-                    entries = await self._read(key, after, limit)
+            while not entries and await _news(news, deadline, stop):
+                news.clear()
+                entries = await self._read(key, after, limit)
             if not entries:  # the last look: an entry may have come just as the watch began
                 entries = await self._read(key, after, limit)
         return entries
@@ -154,3 +176,25 @@ class Inbox:
             if entries or block is None:
                 return list(entries)
             await asyncio.sleep(0)
+
+
+def _replies(entries: list[Any]) -> list[Reply]:
+    return [
+        Reply(f["m"], f["r"], f["at"], f.get("k", "answer"), entry_id) for entry_id, f in entries
+    ]
+
+
+async def _news(news: asyncio.Event, deadline: float, stop: Callable[[], bool]) -> bool:
+    """Wait until `news` is set (True), or `deadline` passes or `stop()` (False).
+
+    In slices, so a draining replica lets its waiters go within one."""
+    while not stop():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(left, _BLOCK_SLICE_MS / 1000)):
+                await news.wait()
+        if news.is_set():
+            return True
+    return False

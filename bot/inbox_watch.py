@@ -33,8 +33,9 @@ def _order(cursor: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class _Watcher:
-    """One poll's interest in one stream, from its cursor on."""
+class Watcher:
+    """One poll's (or event stream's) interest in one stream, from its cursor on; a stream
+    that follows the inbox moves `after` on as it reads."""
 
     __slots__ = ("after", "news")
 
@@ -50,7 +51,7 @@ class InboxWatch:
         self._reader = reader  # a single-connection client: the loop's XREAD blocks on it
         self._control = control  # the shared pool: CLIENT UNBLOCK goes through it
         self._block_ms = block_ms
-        self._watchers: dict[str, set[_Watcher]] = {}
+        self._watchers: dict[str, set[Watcher]] = {}
         self._reading: frozenset[str] = frozenset()
         self._blocked_id: int | None = None  # the reader's client id while it blocks
         self._changed = asyncio.Event()
@@ -58,13 +59,20 @@ class InboxWatch:
     @contextmanager
     def watch(self, key: str, after: str) -> Iterator[asyncio.Event]:
         """Watch stream `key` past `after`; the event is set when it may have news."""
-        watcher = _Watcher(after)
+        with self.watching(key, after) as watcher:
+            yield watcher.news
+
+    @contextmanager
+    def watching(self, key: str, after: str) -> Iterator[Watcher]:
+        """Watch stream `key` past `after` for as long as the block runs (its `news` is set
+        when it may have some); the caller moves `after` on as it reads."""
+        watcher = Watcher(after)
         self._watchers.setdefault(key, set()).add(watcher)
         if key not in self._reading:
             self._changed.set()
             self._interrupt()
         try:
-            yield watcher.news
+            yield watcher
         finally:
             watchers = self._watchers.get(key)
             if watchers is not None:

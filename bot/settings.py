@@ -148,6 +148,11 @@ class Settings:
     # Long polls (replies ?wait=) are not counted in max_inflight; they have their own bounds.
     longpoll_max: int = 512
     longpoll_per_user: int = 4
+    # The web chat (/chat/*): the key its session cookies are signed with (empty: web chat off),
+    # and its Server-Sent Events streams' own bounds, per replica and per session.
+    webchat_secret: str = ""
+    sse_max: int = 2048
+    sse_per_session: int = 4
     cache_ttl: float = 300.0
     cache_stale_ttl: float = 86400.0
     upstream_timeout: float = 2.0
@@ -242,7 +247,8 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line."""
-        return tuple(s for s in (*(k.key for k in self.api_keys), self.upstream_api_key) if s)
+        keys = (k.key for k in self.api_keys)
+        return tuple(s for s in (*keys, self.upstream_api_key, self.webchat_secret) if s)
 
 
 _Parser = Callable[[str], object]
@@ -353,6 +359,13 @@ def parse_prices(text: str) -> tuple[tuple[str, float, float], ...]:
     return tuple(prices)
 
 
+def _webchat_secret(v: str) -> str:
+    v = v.strip()
+    if v and len(v) < 16:
+        raise ValueError("must be at least 16 characters (or empty: web chat off)")
+    return v
+
+
 def _queue_prefix(v: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
         raise ValueError("must be 1-64 chars of [A-Za-z0-9_.-]")
@@ -388,6 +401,9 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_KEY_RATE_BURST": ("key_rate_burst", _int(0, 1_000_000)),
     "BOT_LONGPOLL_MAX": ("longpoll_max", _int(0, 100_000)),
     "BOT_LONGPOLL_PER_USER": ("longpoll_per_user", _int(0, 1000)),
+    "BOT_WEBCHAT_SECRET": ("webchat_secret", _webchat_secret),
+    "BOT_SSE_MAX": ("sse_max", _int(0, 100_000)),
+    "BOT_SSE_PER_SESSION": ("sse_per_session", _int(0, 1000)),
     "BOT_CACHE_TTL": ("cache_ttl", _float(0, 30 * 86400)),
     "BOT_CACHE_STALE_TTL": ("cache_stale_ttl", _float(0, 30 * 86400)),
     "BOT_UPSTREAM_TIMEOUT": ("upstream_timeout", _float(0.01, 120)),
@@ -422,7 +438,7 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_REDIS_MAXMEMORY": ("redis_maxmemory", _memory),
 }
 # Secrets may come from a file (Docker/Kubernetes secrets): NAME_FILE points at it.
-_FILE_VARS = ("BOT_API_KEYS", "UPSTREAM_API_KEY")
+_FILE_VARS = ("BOT_API_KEYS", "UPSTREAM_API_KEY", "BOT_WEBCHAT_SECRET")
 # Settings too long for an environment variable may come from a file the same way.
 _TEXT_FILE_VARS = ("UPSTREAM_SYSTEM_PROMPT",)
 

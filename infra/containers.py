@@ -34,6 +34,7 @@ from infra.programs import RABBITMQ_PROMETHEUS_PORT
 CONFIG_DIR = Path("/srv/bot-config")
 # NGINX's run directory in its container: pid, temp files and logs/ (a volume mtail reads).
 NGINX_RUN = Path("/var/lib/bot-nginx")
+WEB_ROOT = "/srv/bot-web"  # the nginx service mounts web/ here
 # Where the Prometheus container mounts the repo's prometheus/rules folder.
 RULES_DIR = Path("/etc/prometheus/rules")
 # Docker's embedded DNS server, on every user-defined network.
@@ -80,7 +81,13 @@ def scrape_targets(settings: Settings) -> dict[str, list[dict[str, Any]]]:
 
 def render(settings: Settings, out: Path) -> list[Path]:
     """Write nginx.conf, prometheus.yml (+ its targets) and alertmanager.yml under `out`."""
-    nginx = render_nginx(settings, Paths(NGINX_RUN), upstream_host="bot-{i}", resolver=DOCKER_DNS)
+    nginx = render_nginx(
+        settings,
+        Paths(NGINX_RUN),
+        upstream_host="bot-{i}",
+        resolver=DOCKER_DNS,
+        web_root=WEB_ROOT,
+    )
     targets = out / "prometheus" / "targets"
     files: dict[Path, str] = {
         out / "nginx" / "nginx.conf": nginx,

@@ -11,6 +11,8 @@ import math
 from bot.settings import Settings
 from infra.common import ROOT, Paths, render_template
 
+WEB_ROOT = ROOT / "web"  # the web chat page's static files
+
 
 def read_timeout(settings: Settings) -> int:
     """NGINX's `proxy_read_timeout`, seconds: a long poll's 30 s with a margin, or one
@@ -19,12 +21,17 @@ def read_timeout(settings: Settings) -> int:
 
 
 def render_nginx(
-    settings: Settings, paths: Paths, upstream_host: str = "127.0.0.1", resolver: str = ""
+    settings: Settings,
+    paths: Paths,
+    upstream_host: str = "127.0.0.1",
+    resolver: str = "",
+    web_root: str = str(WEB_ROOT),
 ) -> str:
     """NGINX's config from its one template.
 
     `upstream_host` may name each replica (``bot-{i}`` in compose). With a `resolver`, NGINX
     re-resolves those names while it runs, since a recreated container gets a new address.
+    `web_root` is where NGINX finds the web chat page (``web/``).
     """
     resolve = " resolve" if resolver else ""
     lines = [
@@ -53,5 +60,6 @@ def render_nginx(
             "addr_burst": settings.edge_burst,
             "addr_conn": settings.edge_conn,
             "read_timeout": read_timeout(settings),
+            "web_root": web_root,
         },
     )

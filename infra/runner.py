@@ -20,6 +20,8 @@ What it runs is in `infra/programs.py` and `infra/observability.py`, who runs it
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 import time
 import urllib.error
@@ -129,6 +131,7 @@ def up(settings: Settings, paths: Paths, env: dict[str, str], timeout: float = 9
     warning = persistence_warning(settings)
     if warning and not any(p.name == "redis" for p in programs):
         print(warning)
+    webchat_secret(paths, env)
     start(paths, programs, env, user)
     deadline = time.monotonic() + timeout
     missing = wait_ready(programs, settings, timeout)
@@ -141,6 +144,7 @@ def up(settings: Settings, paths: Paths, env: dict[str, str], timeout: float = 9
         print(f"not ready after {timeout:.0f}s: {', '.join(missing)} (logs in {paths.logs})")
         return 1
     print(f"bot stack up ({settings.replicas} replicas), logs in {paths.logs}")
+    print(f"  web chat     http://127.0.0.1:{settings.public_port}/chat/")
     print(f"  API          http://127.0.0.1:{settings.public_port}/v1/messages")
     print(f"               /v1/* answers {settings.api_access}")
     for i in range(1, settings.replicas + 1):
@@ -153,6 +157,22 @@ def up(settings: Settings, paths: Paths, env: dict[str, str], timeout: float = 9
         if p.name in ("prometheus", "alertmanager", "alertsink", "worker"):
             print(f"  {p.name:<12} http://127.0.0.1:{p.port}/")
     return 0
+
+
+WEBCHAT_SECRET_FILE = "webchat.secret"
+
+
+def webchat_secret(paths: Paths, env: dict[str, str]) -> None:
+    """Give the replicas a `BOT_WEBCHAT_SECRET` when none is set: one generated into the run
+    directory the first time and kept there, so sessions outlive a restart of the stack."""
+    if env.get("BOT_WEBCHAT_SECRET") or env.get("BOT_WEBCHAT_SECRET_FILE"):
+        return
+    path = paths.run / WEBCHAT_SECRET_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    env["BOT_WEBCHAT_SECRET"] = path.read_text().strip()
 
 
 def down(paths: Paths) -> int:

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from bot.settings import Settings, load_settings, merged_environ
 
-SCENARIOS = ("steady", "spike", "ramp", "abuse", "outage", "soak", "hostile")
+SCENARIOS = ("steady", "spike", "ramp", "abuse", "outage", "soak", "hostile", "webchat")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # The hostile scenario's clients (loadtests/hostile.py), each from its own address.
 HOSTILE_KINDS = (
@@ -52,6 +52,7 @@ class Objectives:
     max_gateway_errors: int = 0  # 502/504 to anyone (hostile and surge clients included)
     max_recovery_s: float = 10.0  # spike: seconds after the overload until back in objective
     recovery_p99_ms: float = 1500.0  # spike: "back" means within the steady scenario's p99
+    min_streams_share: float = 0.0  # webchat: share of the idle streams held to the end
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,8 @@ class LoadConfig:
     spike_overload_users: int  # closed-loop users of that phase
     hostile_calm: float  # hostile: seconds of well-behaved traffic alone, before and after
     hostile_long_polls: int  # hostile: concurrent `wait=30` polls from one address
+    webchat_streams: int  # webchat: idle event streams held beside the steady load
+    webchat_open: float  # webchat: seconds over which they open (before the judged phase)
     hostile_rate: float  # hostile: requests/s of each paced hostile client
     hostile_duplicates: int  # hostile: concurrent copies of one message_id in a flood
     hostile_slow_bodies: int  # hostile: concurrent clients dribbling their bodies
@@ -131,6 +134,8 @@ _SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
     "soak": {"duration": 600.0, "objectives": {"p99_ms": 1500.0}},
     # Judged on the steady objective: hostile clients must not cost the others anything.
     "hostile": {"duration": 60.0, "objectives": {"p99_ms": 1500.0, "min_success_share": 0.999}},
+    # Judged on the steady objective too: idle web chat streams must not cost messages anything.
+    "webchat": {"duration": 60.0, "objectives": {"p99_ms": 1500.0, "min_streams_share": 0.99}},
 }
 STEADY_P99_MS: float = _SCENARIO_DEFAULTS["steady"]["objectives"]["p99_ms"]
 
@@ -146,6 +151,7 @@ _OBJECTIVE_ENV = {
     "LOAD_MIN_SUCCESS_SHARE": "min_success_share",
     "LOAD_MAX_GATEWAY_ERRORS": "max_gateway_errors",
     "LOAD_MAX_RECOVERY_S": "max_recovery_s",
+    "LOAD_MIN_STREAMS_SHARE": "min_streams_share",
 }
 
 
@@ -217,6 +223,8 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
         ),
         hostile_calm=get("LOAD_HOSTILE_CALM", float, 15.0),
         hostile_long_polls=get("LOAD_HOSTILE_LONG_POLLS", int, stack.edge_conn),
+        webchat_streams=get("LOAD_WEBCHAT_STREAMS", int, 2000),
+        webchat_open=get("LOAD_WEBCHAT_OPEN", float, 20.0),
         hostile_rate=get("LOAD_HOSTILE_RATE", float, 20.0),
         hostile_duplicates=get("LOAD_HOSTILE_DUPLICATES", int, 50),
         hostile_slow_bodies=get("LOAD_HOSTILE_SLOW_BODIES", int, 20),

@@ -5,8 +5,9 @@ not by hand. Every user has its own `user_id` and sends fresh `message_id`s: a m
 `/echo`, questions of Zipf-like popularity (so the answer cache matters; a share of them
 never asked before), `/prefs` and `/help`; after a 202 it polls its inbox until the reply
 arrives. Abusers send far beyond their rate limit; the spike's surge users ask without
-pause, past what the stack can hold; the hostile scenario's clients (`loadtests.hostile`) run
-in the process that plays the shape. Each answer is classified for the verdict
+pause, past what the stack can hold; the hostile scenario's clients (`loadtests.hostile`) and
+the webchat scenario's idle event streams (`loadtests.webchat`) run in the process that plays
+the shape. Each answer is classified for the verdict
 (`loadtests.slo`) into a `Tally` that workers ship to the master.
 """
 
@@ -33,6 +34,7 @@ from loadtests.config import LoadConfig, load_config
 from loadtests.hostile import HostileClients
 from loadtests.shapes import plan_for
 from loadtests.tally import Tally
+from loadtests.webchat import IdleStreams
 
 CONFIG: LoadConfig = load_config(os.environ.get("LOAD_SCENARIO", "steady"))
 TALLY = Tally()
@@ -318,12 +320,14 @@ class ScenarioShape(LoadTestShape):
         self.plan = plan_for(CONFIG)
         self.user_class: type[_BotUser] = RampUser if CONFIG.scenario == "ramp" else ChatUser
         self.hostile: HostileClients | None = None
+        self.streams: IdleStreams | None = None
 
     def tick(self) -> tuple[int, float, list[type[User]] | None] | None:
         t = self.get_run_time()
         step = self.plan.at(t)
         if step is None:
             self._hostile(False)
+            self._streams(False)
             _end_phase()
             return None
         if step.phase != _STATE["phase"]:
@@ -341,6 +345,7 @@ class ScenarioShape(LoadTestShape):
             if step.outage is not None and (step.outage or "outage_events" in TALLY.notes):
                 _stub_outage(step.outage)
             self._hostile(step.hostile)
+            self._streams(step.streams)
         else:
             _end_phase()
         classes: list[type[User]] = [self.user_class]
@@ -361,6 +366,15 @@ class ScenarioShape(LoadTestShape):
             self.hostile.stop()
             TALLY.notes["hostile_stop_seconds"] = round(time.monotonic() - started, 2)
             self.hostile = None
+
+    def _streams(self, on: bool) -> None:
+        """Open the webchat scenario's idle streams once; close them when it ends."""
+        if on and self.streams is None:
+            self.streams = IdleStreams(CONFIG, TALLY, lambda: str(_STATE["phase"]))
+            self.streams.start()
+        elif not on and self.streams is not None:
+            self.streams.stop()
+            self.streams = None
 
 
 def _start_phase(name: str, runner: Any) -> None:

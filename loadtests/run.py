@@ -76,9 +76,10 @@ def run_locust(cfg: LoadConfig, run_dir: Path) -> int:
         "--run-time",
         f"{int(length) + 30}s",
     ]
-    if cfg.processes > 1 or cfg.scenario == "hostile":
-        # Master and workers. The hostile clients run in the master, which plays the shape
-        # but runs no user: what they cost the load generator never shows as user latency.
+    if cfg.processes > 1 or cfg.scenario in ("hostile", "webchat"):
+        # Master and workers. The hostile clients (and webchat's idle streams) run in the
+        # master, which plays the shape but runs no user: what they cost the load generator
+        # never shows as user latency.
         # On a port of its own: locust's fixed 5557 is taken by any other run on the machine.
         port = _free_port()
         cmd += ["--processes", str(cfg.processes)]
@@ -167,6 +168,13 @@ def render(summary: dict[str, Any]) -> str:
         for kind, by_status in sorted(h["by_kind"].items()):
             statuses = ", ".join(f"{s}: {n}" for s, n in sorted(by_status.items()))
             lines.append(f"    {kind:<13} {statuses}")
+    if "webchat" in f:
+        w = f["webchat"]
+        lines.append(
+            f"  webchat: {w['streams_open_at_end']}/{w['streams_target']} idle event streams "
+            f"open at the end (peak {w['streams_open_peak']}), {w['stream_drops']} dropped, "
+            f"{w['keepalives']} keep-alives read"
+        )
     if "overload" in f:
         o = f["overload"]
         d, a = o["well_behaved_during"], o["well_behaved_after"]

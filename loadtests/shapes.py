@@ -15,6 +15,7 @@ OVERLOAD = "overload"
 RECOVERY = "recovery"
 ATTACK = "attack"
 AFTER = "after"
+STREAMS_OPEN = "streams-open"  # webchat: the idle streams opening (not judged)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Step:
     outage: bool | None = None  # set the stub's outage fault to this on entering the phase
     surge: int = 0  # closed-loop users past the stack's capacity (spike's overload phase)
     hostile: bool = False  # hostile clients run beside the users (hostile's attack phase)
+    streams: bool = False  # webchat: the idle event streams are held beside the users
 
 
 class Plan:
@@ -157,6 +159,27 @@ class Hostile(Plan):
         return 2 * self.cfg.hostile_calm + self.cfg.duration
 
 
+class Webchat(Plan):
+    """Idle web chat streams opening beside the users (`open`, over `webchat_open` seconds
+    plus a margin), then held while the users run for `duration` seconds (`run`, judged)."""
+
+    def at(self, t: float) -> Step | None:
+        c = self.cfg
+        if t < self.opening:
+            return Step(c.users, c.spawn_rate, STREAMS_OPEN, streams=True)
+        if t < self.length:
+            return Step(c.users, c.spawn_rate, "run", streams=True)
+        return None
+
+    @property
+    def opening(self) -> float:
+        return self.cfg.webchat_open + 5.0
+
+    @property
+    def length(self) -> float:
+        return self.opening + self.cfg.duration
+
+
 PLANS: dict[str, type[Plan]] = {
     "steady": Steady,
     "soak": Steady,
@@ -165,6 +188,7 @@ PLANS: dict[str, type[Plan]] = {
     "abuse": Abuse,
     "outage": Outage,
     "hostile": Hostile,
+    "webchat": Webchat,
 }
 
 

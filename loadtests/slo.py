@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtests import hostile
+from loadtests import hostile, webchat
 from loadtests.config import Objectives
-from loadtests.shapes import AFTER, ATTACK, OVERLOAD, RECOVERY
+from loadtests.shapes import AFTER, ATTACK, OVERLOAD, RECOVERY, STREAMS_OPEN
 from loadtests.tally import Tally, percentile
 
 # Outcome names the users record (see loadtests/locustfile.py).
@@ -201,6 +201,9 @@ def evaluate(
     if scenario == "hostile":
         # The calm phase is the baseline shown beside; the objectives hold while under attack.
         phases = [ATTACK, AFTER]
+    if scenario == "webchat":
+        # Judged once every stream is open (opening them is a burst of sessions of its own).
+        phases = [p for p in tally.phases if p != STREAMS_OPEN]
     requests = tally.total(REQUESTS)
     scoped = max(1, tally.total(REQUESTS, phases))
     hist = tally.hist(phases)
@@ -262,6 +265,8 @@ def evaluate(
         _hostile_checks(tally, obj, findings, check)
     if OVERLOAD in tally.phases:
         _overload_checks(tally, obj, check)
+    if scenario == "webchat":
+        _webchat_checks(tally, obj, check)
     if scenario == "abuse":
         n = tally.total(LIMITED_ABUSE)
         check("abusers_limited", "the spammers are rate limited", n, n >= obj.min_abuse_limited)
@@ -326,6 +331,8 @@ def evaluate(
         figures["hostile"] = hostile_figures(tally)
     if OVERLOAD in tally.phases:
         figures["overload"] = overload_figures(tally, obj)
+    if scenario == "webchat":
+        figures["webchat"] = webchat_figures(tally)
     if scenario == "soak" or findings.get("memory"):
         figures["memory"] = memory_growth(findings.get("memory", {}))
     return Verdict(scenario, all(c.passed for c in checks), checks, figures)
@@ -371,6 +378,31 @@ def _hostile_checks(
         probe.get("failures") or f"{probe.get('ok', 0)} probes answered",
         bool(probe) and not probe.get("failures"),
     )
+
+
+def _webchat_checks(tally: Tally, obj: Objectives, check: Checker) -> None:
+    """The idle streams were all opened and held to the end, none dropped while judged."""
+    target = int(tally.notes.get(webchat.TARGET, 0))
+    held = int(tally.notes.get(webchat.OPEN_AT_END, 0))
+    drops = tally.total(webchat.DROPS, [p for p in tally.phases if p != STREAMS_OPEN])
+    check(
+        "streams_held",
+        f"idle event streams open at the end >= {obj.min_streams_share:.0%} of "
+        "those asked for, none dropped once open",
+        f"{held}/{target} open, {drops} dropped",
+        bool(target) and held >= obj.min_streams_share * target and drops == 0,
+    )
+
+
+def webchat_figures(tally: Tally) -> dict[str, Any]:
+    return {
+        "streams_target": tally.notes.get(webchat.TARGET, 0),
+        "streams_open_peak": tally.notes.get(webchat.OPEN_PEAK, 0),
+        "streams_open_at_end": tally.notes.get(webchat.OPEN_AT_END, 0),
+        "streams_opened": tally.total(webchat.OPENED),
+        "stream_drops": tally.total(webchat.DROPS),
+        "keepalives": tally.total(webchat.KEEPALIVES),
+    }
 
 
 def hostile_figures(tally: Tally) -> dict[str, Any]:

@@ -162,6 +162,7 @@ SLOW_FILES_FIRST = (  # by their time on 4 workers, slowest first (--durations=0
     "test_retries_system",
     "test_edge",
     "test_make",
+    "test_webchat_browser",
     "test_resilience",
     "test_retries",
     "test_observability_stack",

@@ -266,6 +266,7 @@ def test_config_files_are_mounted_from_the_folders_the_native_runner_reads() -> 
         "prometheus/mtail": {"nginx-log"},
         "grafana/provisioning": {"grafana"},
         "grafana/dashboards": {"grafana"},
+        "web": {"nginx"},
     }
     # The renderer finds them where infra.runner looks: beside the code, under /app.
     for volume in services()["config"]["volumes"][1:]:

@@ -246,6 +246,7 @@ def test_every_documented_route_answers_as_documented(stack: Stack) -> None:
     api = _openapi(stack)
     user = unique()
     seen = set()
+    chat = requests.post(stack.url + "/chat/session", timeout=10).cookies
     cases: list[tuple[str, str, dict[str, Any], int]] = [
         ("POST", "/v1/messages", {"json": {"user_id": user, "text": "/echo hi"}}, 200),
         (
@@ -272,6 +273,17 @@ def test_every_documented_route_answers_as_documented(stack: Stack) -> None:
         ("GET", "/v1/openapi.json", {}, 200),
         ("GET", "/healthz", {}, 200),
         ("GET", "/readyz", {}, 200),
+        ("POST", "/chat/session", {}, 200),
+        ("POST", "/chat/messages", {"json": {"text": "/echo hi"}, "cookies": chat}, 200),
+        ("POST", "/chat/messages", {"json": {"text": "/echo hi"}}, 401),
+        ("POST", "/chat/messages", {"json": {"text": ""}, "cookies": chat}, 400),
+        (
+            "POST",
+            "/chat/messages",
+            {"json": {"text": "hi"}, "cookies": chat, "headers": {"Origin": "http://a.example"}},
+            403,
+        ),
+        ("GET", "/chat/events", {}, 401),  # with a cookie it streams: tests/test_webchat.py
     ]
     for method, path, kw, status in cases:
         r = _check(api, method, stack.url + path, **kw)

@@ -13,9 +13,18 @@ from typing import Any
 import orjson
 import pytest
 
-from loadtests import hostile, slo
+from loadtests import hostile, slo, webchat
 from loadtests.config import HOSTILE_KINDS, ConfigError, Objectives, load_config
-from loadtests.shapes import AFTER, ATTACK, OVERLOAD, RECOVERY, Plan, Step, plan_for
+from loadtests.shapes import (
+    AFTER,
+    ATTACK,
+    OVERLOAD,
+    RECOVERY,
+    STREAMS_OPEN,
+    Plan,
+    Step,
+    plan_for,
+)
 from loadtests.tally import Tally, percentile
 from tests.support import Stack, run
 
@@ -132,6 +141,48 @@ def test_hostile_plan_runs_hostile_clients_only_between_calm_phases() -> None:
     assert plan.length == 10 + cfg.duration and plan.at(plan.length) is None
     with pytest.raises(ConfigError, match="LOAD_HOSTILE_KINDS"):
         load_config("hostile", {"BOT_DOTENV": "/dev/null", "LOAD_HOSTILE_KINDS": "nope"})
+
+
+def test_webchat_plan_holds_streams_through_a_judged_run_after_they_open() -> None:
+    env = {"BOT_DOTENV": "/dev/null", "LOAD_WEBCHAT_OPEN": "10", "LOAD_DURATION": "30"}
+    plan = plan_for(load_config("webchat", env))
+    steps = [(s.phase, s.streams) for s in _steps(plan)]
+    assert list(dict.fromkeys(steps)) == [(STREAMS_OPEN, True), ("run", True)]
+    assert plan.length == 15 + 30 and plan.at(plan.length) is None
+
+
+def _webchat_run(held: int, drops_in_run: int = 0, ms: float = 50, open_ms: float = 50) -> Tally:
+    t = Tally()
+    for i, (phase, latency) in enumerate(((STREAMS_OPEN, open_ms), ("run", ms))):
+        t.phases[phase] = [i * 100.0, (i + 1) * 100.0]
+        t.count(phase, slo.REQUESTS, 1000)
+        t.count(phase, slo.ANSWERED, 1000)
+        for _ in range(1000):
+            t.observe(phase, latency)
+    t.count(STREAMS_OPEN, webchat.DROPS, 3)  # refused while opening: not judged
+    t.count("run", webchat.DROPS, drops_in_run)
+    t.notes[webchat.TARGET] = 2000
+    t.notes[webchat.OPEN_AT_END] = held
+    return t
+
+
+def test_webchat_verdict_needs_the_streams_held_and_the_message_path_in_objective() -> None:
+    obj = load_config("webchat", {"BOT_DOTENV": "/dev/null"}).objectives
+    assert slo.evaluate("webchat", _webchat_run(2000), obj).passed
+    failed = {
+        c.name for c in slo.evaluate("webchat", _webchat_run(1900), obj).checks if not c.passed
+    }
+    assert failed == {"streams_held"}
+    failed = {
+        c.name
+        for c in slo.evaluate("webchat", _webchat_run(2000, drops_in_run=1), obj).checks
+        if not c.passed
+    }
+    assert failed == {"streams_held"}
+    slow = slo.evaluate("webchat", _webchat_run(2000, ms=5000), obj)
+    assert {c.name for c in slow.checks if not c.passed} == {"p99"}
+    # While the streams open (a burst of sessions), the message path is not judged.
+    assert slo.evaluate("webchat", _webchat_run(2000, open_ms=5000), obj).passed
 
 
 def _timeline(t: Tally, start: int, seconds: list[tuple[int, int, int]]) -> None:

@@ -19,9 +19,11 @@ from bot.inbox import Inbox
 from bot.ratelimit import SharedLimiter
 from bot.settings import Settings
 from bot.store import Store
+from bot.websession import SessionSigner
 
 Check = Callable[[], Awaitable[bool]]  # a dependency's check: does it answer?
 MESSAGES_ROUTE = "/v1/messages"
+EVENTS_ROUTE = "/chat/events"  # the web chat's event streams: bounded apart, never shed
 
 
 @dataclass(slots=True)
@@ -41,6 +43,7 @@ class Replica:
     service: BotService
     inbox: Inbox
     longpolls: LongPolls
+    streams: LongPolls  # the web chat's event streams
     key_limiter: SharedLimiter | None  # per-API-key GCRA, when keys and the limit are set
     upstream_probe: Check  # not in /readyz: an upstream outage is survivable
 
@@ -50,3 +53,4 @@ STATE = web.AppKey("state", ReplicaState)
 REDIS = web.AppKey("redis", Redis)
 HTTP = web.AppKey("http", ClientSession)
 REPLICA = web.AppKey("replica", Replica)
+SIGNER = web.AppKey("webchat_signer", SessionSigner)  # set only when BOT_WEBCHAT_SECRET is

@@ -6,6 +6,9 @@ would otherwise exhaust, shedding messages and health checks). It has bounds of 
 replica (``BOT_LONGPOLL_MAX``: beyond it ``503 overloaded``, another replica may have room)
 and per user (``BOT_LONGPOLL_PER_USER``: beyond it ``429 too_many_long_polls``, the caller's
 own doing).
+
+The web chat's event streams (``GET /chat/events``) are bounded the same way, by a
+`LongPolls` of their own (``BOT_SSE_MAX`` per replica, ``BOT_SSE_PER_SESSION`` per session).
 """
 
 from __future__ import annotations
@@ -18,11 +21,22 @@ from bot.settings import Settings
 
 
 class LongPolls:
-    """Counts this replica's long polls, in total and per user, and refuses beyond the bounds."""
+    """Counts this replica's long polls, in total and per user, and refuses beyond the bounds.
 
-    def __init__(self, max_total: int, per_user: int) -> None:
+    `what` names what is held (in the errors) and `code` is the 429's error code.
+    """
+
+    def __init__(
+        self,
+        max_total: int,
+        per_user: int,
+        what: str = "long polls",
+        code: str = "too_many_long_polls",
+    ) -> None:
         self.max_total = max_total
         self.per_user = per_user
+        self.what = what
+        self.code = code
         self.total = 0
         self._users: dict[str, int] = {}
 
@@ -30,16 +44,21 @@ class LongPolls:
     def from_settings(cls, settings: Settings) -> LongPolls:
         return cls(settings.longpoll_max, settings.longpoll_per_user)
 
+    @classmethod
+    def event_streams(cls, settings: Settings) -> LongPolls:
+        """The bounds of the web chat's event streams, apart from the long polls'."""
+        return cls(settings.sse_max, settings.sse_per_session, "event streams", "too_many_streams")
+
     @contextmanager
     def slot(self, user_id: str) -> Iterator[None]:
         """Hold one long-poll slot for `user_id` while the block runs."""
         held = self._users.get(user_id, 0)
         if held >= self.per_user:
             raise RateLimited(
-                f"at most {self.per_user} long polls at once per user", code="too_many_long_polls"
+                f"at most {self.per_user} {self.what} at once per user", code=self.code
             )
         if self.total >= self.max_total:
-            raise Overloaded("this replica holds all the long polls it can; try again", 1)
+            raise Overloaded(f"this replica holds all the {self.what} it can; try again", 1)
         self.total += 1
         self._users[user_id] = held + 1
         try:

@@ -21,7 +21,7 @@ from bot.api.middleware import REQUEST_ID, authorize_user, require_json
 from bot.api.render import json_response
 from bot.core.service import BotService
 from bot.core.types import Outcome, OutcomeKind
-from bot.core.validation import parse_message
+from bot.core.validation import Message, parse_message
 from bot.errors import (
     MAX_BODY,
     BadRequest,
@@ -71,11 +71,16 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     except (BadRequest, Forbidden):
         metrics.MESSAGE["rejected"].inc()
         raise
-    service = request.app[REPLICA].service
     if EVENT_STREAM in request.headers.get("Accept", "").lower():
-        return await _stream(request, service, msg)
+        return await _stream(request, request.app[REPLICA].service, msg)
+    return (await answer(request, msg))[1]
+
+
+async def answer(request: web.Request, msg: Message) -> tuple[Outcome, web.Response]:
+    """Handle a parsed message: its outcome, and the JSON response that renders it."""
+    service = request.app[REPLICA].service
     outcome = await service.handle(msg)
-    return json_response(outcome.body, STATUS[outcome.kind], _headers(service, outcome))
+    return outcome, json_response(outcome.body, STATUS[outcome.kind], _headers(service, outcome))
 
 
 def _headers(service: BotService, outcome: Outcome) -> dict[str, str]:

@@ -21,7 +21,7 @@ from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
 from bot import metrics
-from bot.api.keys import MESSAGES_ROUTE, REPLICA, STATE
+from bot.api.keys import EVENTS_ROUTE, MESSAGES_ROUTE, REPLICA, STATE
 from bot.api.render import error_response
 from bot.api.replies import is_long_poll
 from bot.errors import (
@@ -111,8 +111,8 @@ def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
 
 
 def _never_shed(request: web.Request) -> bool:
-    """Probes, and long polls (bounded apart: `bot.api.longpoll`)."""
-    return request.path in _PROBES or is_long_poll(request)
+    """Probes, long polls and event streams (bounded apart: `bot.api.longpoll`)."""
+    return request.path in _PROBES or request.path == EVENTS_ROUTE or is_long_poll(request)
 
 
 def shed(max_inflight: int, inner: Gate) -> Gate:
@@ -236,9 +236,16 @@ class ClientGuard:
         # cost a twentieth of a replica's CPU, and a few pairs make nearly all requests.
         self._decided = lru_cache(maxsize=1024)(self._is_loopback)
 
+    def trusts_peer(self, request: web.Request) -> bool:
+        """Whether the TCP peer is a proxy we trust (its forwarding headers count)."""
+        return self._trusted_peer(_address(request.remote))
+
+    def _trusted_peer(self, peer: IpAddress | None) -> bool:
+        return peer is not None and (peer.is_loopback or any(peer in n for n in self._trusted))
+
     def client(self, peer_text: str | None, real: str | None) -> IpAddress | None:
         peer = _address(peer_text)
-        if peer is None or not (peer.is_loopback or any(peer in n for n in self._trusted)):
+        if not self._trusted_peer(peer):
             return peer
         return peer if real is None else _address(real.strip())
 

@@ -25,7 +25,7 @@ _WAIT_RE = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
 _LIMIT_RE = re.compile(r"[0-9]{1,3}")
 
 
-def _query(request: web.Request, name: str) -> str | None:
+def one_query(request: web.Request, name: str) -> str | None:
     """The one value of query parameter `name`: given twice it is ambiguous, a 400."""
     values = request.query.getall(name, [])
     if len(values) > 1:
@@ -52,7 +52,7 @@ def _limit(raw: str | None) -> int:
     return int(raw)
 
 
-def _after(raw: str | None) -> str:
+def cursor_after(raw: str | None) -> str:
     after = raw or "0"
     if not valid_cursor(after):
         raise BadRequest("after must be a cursor returned as next", code="invalid_cursor")
@@ -65,7 +65,7 @@ def is_long_poll(request: web.Request) -> bool:
     if resource is None or resource.canonical != ROUTE:
         return False
     try:
-        return _wait(_query(request, "wait")) > 0
+        return _wait(one_query(request, "wait")) > 0
     except BadRequest:
         return False
 
@@ -73,9 +73,9 @@ def is_long_poll(request: web.Request) -> bool:
 async def get_replies(request: web.Request) -> web.Response:
     """Replies after the cursor, oldest first; `wait` long-polls until one arrives."""
     user = check_id(request.match_info["user_id"], "user_id")
-    after = _after(_query(request, "after"))
-    wait = _wait(_query(request, "wait"))
-    limit = _limit(_query(request, "limit"))
+    after = cursor_after(one_query(request, "after"))
+    wait = _wait(one_query(request, "wait"))
+    limit = _limit(one_query(request, "limit"))
     replica, state = request.app[REPLICA], request.app[STATE]
     with replica.longpolls.slot(user) if wait > 0 else nullcontext():
         replies, cursor = await replica.inbox.page(
