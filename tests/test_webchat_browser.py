@@ -202,6 +202,8 @@ def test_replicas_killed_while_the_page_is_open_it_reconnects_and_loses_nothing(
     """Every replica is killed under an open page: its stream breaks, the page says so, the
     message typed meanwhile fails and is resent with the same id; all is answered once."""
     _open(browser, chat_stack)
+    # The history first: the stream replays earlier answers just after "Connected".
+    _wait(browser, lambda d: not any(e["pending"] for e in _exchanges(d)))
     before = _exchanges(browser)
     for i in (1, 2, 3):
         chat_stack.kill(f"bot-{i}", signal.SIGKILL)
