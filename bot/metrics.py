@@ -60,12 +60,48 @@ REPLIES_DELIVERED = Counter("bot_replies_delivered", "Deferred replies stored in
 DEPENDENCY_UP = Gauge(
     "bot_dependency_up", "Dependency reachability from this process", ["dependency"]
 )
+# Chat channels (docs/channels.md).
+CHANNEL_UPDATES = Counter(
+    "bot_channel_updates", "Platform updates taken in, by outcome", ["channel", "outcome"]
+)
+OUTBOUND_SENDS = Counter(
+    "bot_outbound_sends", "Platform send attempts, by outcome", ["channel", "outcome"]
+)
+OUTBOUND_DUPLICATES = Counter(
+    "bot_outbound_duplicates",
+    "Sends that may have repeated one (a crash between the platform's 2xx and the record)",
+    ["channel"],
+)
+OUTBOUND_QUEUE = Gauge(
+    "bot_outbound_queue_messages", "Messages waiting in a channel's outbound queues", ["channel"]
+)
+OUTBOUND_PAUSED = Gauge(
+    "bot_outbound_paused_conversations",
+    "Conversations paused by a platform 429 in this process",
+    ["channel"],
+)
 BUILD_INFO = Gauge("bot_build_info", "Build information (always 1)", ["version"])
 
 MESSAGE_OUTCOMES = ("replied", "queued", "rate_limited", "duplicate", "rejected", "shed")
 # max_attempts: the upstream kept failing; redelivered: the worker kept dying or failing on it;
 # unreadable: a work-queue body that is not a job; outbox_unreadable: the same in the outbox.
 DEAD_REASONS = ("max_attempts", "redelivered", "unreadable", "outbox_unreadable")
+# queued, duplicate (already taken), ignored (no text), busy (another replica is queueing it),
+# unauthorized, unavailable (Redis or RabbitMQ away: 503), processed (answered by the core).
+CHANNEL_OUTCOMES = ("queued", "duplicate", "ignored", "busy", "unauthorized", "unavailable")
+# sent (2xx), skipped (sent before), rate_limited (429), error (5xx, timeout: retried),
+# dead_lettered (permanent, or out of attempts).
+SEND_OUTCOMES = ("sent", "skipped", "rate_limited", "error", "dead_lettered")
+
+
+def init_channels(channels: tuple[str, ...]) -> None:
+    """The channel series at zero, for the enabled channels."""
+    for channel in channels:
+        for outcome in CHANNEL_OUTCOMES:
+            CHANNEL_UPDATES.labels(channel, outcome)
+        for outcome in SEND_OUTCOMES:
+            OUTBOUND_SENDS.labels(channel, outcome)
+        OUTBOUND_DUPLICATES.labels(channel)
 
 
 def init() -> None:

@@ -172,6 +172,12 @@ class Settings:
     idempotency_ttl: int = 86400
     drain_timeout: float = 10.0
     redis_maxmemory: str = DEFAULT_REDIS_MAXMEMORY  # of a Redis `make up` starts itself
+    # Chat channels (docs/channels.md): Telegram is enabled when its token and secret are set.
+    telegram_bot_token: str = ""
+    telegram_webhook_secret: str = ""
+    telegram_api_url: str = "https://api.telegram.org"
+    telegram_chat_rate: Rate = Rate(1, 1.0)  # sends per chat
+    telegram_rate: Rate = Rate(30, 1.0)  # sends overall, per delivering process
 
     def replica_port(self, index: int) -> int:
         """Port of replica `index` (1-based)."""
@@ -221,9 +227,25 @@ class Settings:
         return "loopback clients only (set BOT_API_KEYS, or BOT_OPEN_API=1 to open it)"
 
     @property
+    def telegram_enabled(self) -> bool:
+        """`POST /channels/telegram` answers (else 404) and its sends are delivered."""
+        return bool(self.telegram_bot_token and self.telegram_webhook_secret)
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The chat channels enabled by their secrets."""
+        return ("telegram",) if self.telegram_enabled else ()
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line."""
-        return tuple(s for s in (*(k.key for k in self.api_keys), self.upstream_api_key) if s)
+        values = (
+            *(k.key for k in self.api_keys),
+            self.upstream_api_key,
+            self.telegram_bot_token,
+            self.telegram_webhook_secret,
+        )
+        return tuple(s for s in values if s)
 
 
 _Parser = Callable[[str], object]
@@ -298,6 +320,13 @@ def _queue_prefix(v: str) -> str:
     return v
 
 
+def _telegram_secret(v: str) -> str:
+    # Telegram's own rule for `secret_token`: 1-256 of A-Z a-z 0-9 _ -.
+    if v and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", v):
+        raise ValueError("must be 1-256 chars of [A-Za-z0-9_-] (Telegram's secret_token)")
+    return v
+
+
 _PORT = _int(1, 65535)
 # environment variable -> (field, parser)
 _ENV: dict[str, tuple[str, _Parser]] = {
@@ -350,9 +379,14 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_IDEMPOTENCY_TTL": ("idempotency_ttl", _int(60, 30 * 86400)),
     "BOT_DRAIN_TIMEOUT": ("drain_timeout", _float(0, 300)),
     "BOT_REDIS_MAXMEMORY": ("redis_maxmemory", _memory),
+    "TELEGRAM_BOT_TOKEN": ("telegram_bot_token", _text),
+    "TELEGRAM_WEBHOOK_SECRET": ("telegram_webhook_secret", _telegram_secret),
+    "TELEGRAM_API_URL": ("telegram_api_url", _url("http", "https")),
+    "BOT_TELEGRAM_CHAT_RATE": ("telegram_chat_rate", parse_rate),
+    "BOT_TELEGRAM_RATE": ("telegram_rate", parse_rate),
 }
 # Secrets may come from a file (Docker/Kubernetes secrets): NAME_FILE points at it.
-_FILE_VARS = ("BOT_API_KEYS", "UPSTREAM_API_KEY")
+_FILE_VARS = ("BOT_API_KEYS", "UPSTREAM_API_KEY", "TELEGRAM_BOT_TOKEN", "TELEGRAM_WEBHOOK_SECRET")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:

@@ -14,6 +14,7 @@ from aiohttp import ClientSession, web
 from redis.asyncio import Redis
 
 from bot.api.longpoll import LongPolls
+from bot.channels.intake import Intake
 from bot.core.service import BotService
 from bot.inbox import Inbox
 from bot.ratelimit import SharedLimiter
@@ -45,8 +46,16 @@ class Replica:
     upstream_probe: Check  # not in /readyz: an upstream outage is survivable
 
 
+@dataclass(frozen=True, slots=True)
+class Channels:
+    """The chat channels' intake (None when no channel is enabled)."""
+
+    intake: Intake | None
+
+
 SETTINGS = web.AppKey("settings", Settings)
 STATE = web.AppKey("state", ReplicaState)
 REDIS = web.AppKey("redis", Redis)
 HTTP = web.AppKey("http", ClientSession)
 REPLICA = web.AppKey("replica", Replica)
+CHANNELS = web.AppKey("channels", Channels)
