@@ -137,7 +137,7 @@ async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
         upstream_probe=upstream_ready,
     )
     intake = Intake(redis, broker, settings.queue_prefix) if settings.channels else None
-    app[CHANNELS] = Channels(intake)
+    app[CHANNELS] = Channels.from_settings(settings, intake)
     app[STATE].readiness.extend([("redis", redis_ready), ("rabbitmq", broker.ready)])
     log_api_access(settings)
     metrics.init()

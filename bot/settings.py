@@ -178,6 +178,16 @@ class Settings:
     telegram_api_url: str = "https://api.telegram.org"
     telegram_chat_rate: Rate = Rate(1, 1.0)  # sends per chat
     telegram_rate: Rate = Rate(30, 1.0)  # sends overall, per delivering process
+    # Slack: enabled when the signing secret and the bot token are set.
+    slack_signing_secret: str = ""
+    slack_bot_token: str = ""
+    slack_api_url: str = "https://slack.com/api"
+    slack_channel_rate: Rate = Rate(1, 1.0)  # sends per Slack channel
+    # Discord: enabled when the public key and the application id are set.
+    discord_public_key: str = ""
+    discord_application_id: str = ""
+    discord_bot_token: str = ""  # only `bot channels discord register-commands` needs it
+    discord_api_url: str = "https://discord.com/api/v10"
 
     def replica_port(self, index: int) -> int:
         """Port of replica `index` (1-based)."""
@@ -232,9 +242,22 @@ class Settings:
         return bool(self.telegram_bot_token and self.telegram_webhook_secret)
 
     @property
+    def slack_enabled(self) -> bool:
+        return bool(self.slack_signing_secret and self.slack_bot_token)
+
+    @property
+    def discord_enabled(self) -> bool:
+        return bool(self.discord_public_key and self.discord_application_id)
+
+    @property
     def channels(self) -> tuple[str, ...]:
         """The chat channels enabled by their secrets."""
-        return ("telegram",) if self.telegram_enabled else ()
+        enabled = (
+            ("telegram", self.telegram_enabled),
+            ("slack", self.slack_enabled),
+            ("discord", self.discord_enabled),
+        )
+        return tuple(name for name, on in enabled if on)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -244,6 +267,9 @@ class Settings:
             self.upstream_api_key,
             self.telegram_bot_token,
             self.telegram_webhook_secret,
+            self.slack_signing_secret,
+            self.slack_bot_token,
+            self.discord_bot_token,
         )
         return tuple(s for s in values if s)
 
@@ -327,6 +353,19 @@ def _telegram_secret(v: str) -> str:
     return v
 
 
+def _hex_key(v: str) -> str:
+    # Discord's application public key: 32 bytes of Ed25519, hex.
+    if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+        raise ValueError("must be 64 hex digits (the application's Ed25519 public key)")
+    return v.lower()
+
+
+def _snowflake(v: str) -> str:
+    if v and not re.fullmatch(r"[0-9]{1,20}", v):
+        raise ValueError("must be a Discord id (digits)")
+    return v
+
+
 _PORT = _int(1, 65535)
 # environment variable -> (field, parser)
 _ENV: dict[str, tuple[str, _Parser]] = {
@@ -384,9 +423,25 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "TELEGRAM_API_URL": ("telegram_api_url", _url("http", "https")),
     "BOT_TELEGRAM_CHAT_RATE": ("telegram_chat_rate", parse_rate),
     "BOT_TELEGRAM_RATE": ("telegram_rate", parse_rate),
+    "SLACK_SIGNING_SECRET": ("slack_signing_secret", _text),
+    "SLACK_BOT_TOKEN": ("slack_bot_token", _text),
+    "SLACK_API_URL": ("slack_api_url", _url("http", "https")),
+    "BOT_SLACK_CHANNEL_RATE": ("slack_channel_rate", parse_rate),
+    "DISCORD_PUBLIC_KEY": ("discord_public_key", _hex_key),
+    "DISCORD_APPLICATION_ID": ("discord_application_id", _snowflake),
+    "DISCORD_BOT_TOKEN": ("discord_bot_token", _text),
+    "DISCORD_API_URL": ("discord_api_url", _url("http", "https")),
 }
 # Secrets may come from a file (Docker/Kubernetes secrets): NAME_FILE points at it.
-_FILE_VARS = ("BOT_API_KEYS", "UPSTREAM_API_KEY", "TELEGRAM_BOT_TOKEN", "TELEGRAM_WEBHOOK_SECRET")
+_FILE_VARS = (
+    "BOT_API_KEYS",
+    "UPSTREAM_API_KEY",
+    "TELEGRAM_BOT_TOKEN",
+    "TELEGRAM_WEBHOOK_SECRET",
+    "SLACK_SIGNING_SECRET",
+    "SLACK_BOT_TOKEN",
+    "DISCORD_BOT_TOKEN",
+)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:

@@ -141,7 +141,7 @@ def drop_queues(settings: Settings) -> None:
         async with connection:
             channel = await connection.channel()
             await delete(channel, settings.queue_prefix, Topology.from_settings(settings).levels)
-            for name in channel_topology.names(settings.queue_prefix, channel_topology.CHANNELS):
+            for name in channel_topology.names(settings.queue_prefix, settings.channels):
                 await channel.queue_delete(name)
 
     # In a thread of its own: the caller may be running an event loop (an async test).

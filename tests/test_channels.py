@@ -82,7 +82,7 @@ async def post(client: AppClient, body: dict[str, Any], secret: str | None = SEC
 
 async def sent(upstream: Upstream, chat_id: int) -> list[dict[str, Any]]:
     resp = await _stub_get(upstream, "/admin/telegram/sent")
-    return [s for s in resp if s["chat_id"] == str(chat_id)]
+    return [s for s in resp if s["conversation"] == str(chat_id)]
 
 
 async def _stub_get(upstream: Upstream, path: str) -> Any:

@@ -53,7 +53,7 @@ def deliver(stack: Stack, body: dict[str, Any], timeout: float = 30) -> None:
 
 def sends(stack: Stack, chat: int) -> list[str]:
     record = requests.get(stack.stub_url + "/admin/telegram/sent", timeout=5).json()
-    return [s["text"] for s in record if s["chat_id"] == str(chat) and s["status"] == 200]
+    return [s["text"] for s in record if s["conversation"] == str(chat) and s["status"] == 200]
 
 
 def wait_sends(stack: Stack, chat: int, n: int, timeout: float = 30) -> list[str]:

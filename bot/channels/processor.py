@@ -86,6 +86,9 @@ class Processor:
     async def answer(self, update: Inbound) -> Outbound | None:
         """What to send for `update`: its answer, an error's message, one polite note per
         rate-limit window, or nothing (queued: the retry worker sends the answer later)."""
+        # Where a deferred answer goes: written before the core may queue the question, so
+        # the retry worker finds it however soon it answers.
+        await self.outgoing.remember(update)
         try:
             msg = parse_message(
                 {"user_id": update.user_id, "text": update.text, "message_id": update.message_id},
@@ -95,10 +98,10 @@ class Processor:
         except RateLimited as exc:
             return await self._polite(update, exc.retry_after)
         except BadRequest as exc:
-            return self._reply(update, update.message_id, exc.message)
+            return update.answer(update.message_id, exc.message)
         if outcome.kind != "replied":
             return None
-        return self._reply(update, update.message_id, str(outcome.body["reply"]))
+        return update.answer(update.message_id, str(outcome.body["reply"]))
 
     async def _polite(self, update: Inbound, retry_after: float) -> Outbound | None:
         """The note for the first message limited in a window; None for the others."""
@@ -106,8 +109,4 @@ class Processor:
         if not await self.redis.set(f"chan:polite:{update.user_id}", "1", nx=True, px=ms):
             return None
         text = POLITE.format(seconds=math.ceil(ms / 1000))
-        return self._reply(update, f"{update.message_id}:limited", text)
-
-    @staticmethod
-    def _reply(update: Inbound, ident: str, text: str) -> Outbound:
-        return Outbound(update.channel, update.conversation, ident, text, update.user_id)
+        return update.answer(f"{update.message_id}:limited", text)

@@ -12,9 +12,13 @@ from redis.asyncio import Redis
 from bot import metrics
 from bot.channels import topology
 from bot.channels.delivery import Delivery, Pacing
+from bot.channels.discord import CHANNEL as DISCORD
+from bot.channels.discord import DiscordSender
 from bot.channels.outbound import Outgoing
 from bot.channels.processor import Processor
 from bot.channels.sending import Sender
+from bot.channels.slack import CHANNEL as SLACK
+from bot.channels.slack import SlackSender
 from bot.channels.telegram import CHANNEL as TELEGRAM
 from bot.channels.telegram import TelegramSender
 from bot.channels.wire import SHARDS
@@ -29,6 +33,9 @@ log = get_logger(__name__)
 # Messages a channel consumer holds at once: a conversation paused by a 429 keeps its
 # messages here, and the other conversations of the shard still flow past them.
 PREFETCH = 512
+# Seconds between any two sends of Slack's or Discord's (a ceiling of 50/s per process,
+# below their global limits; their per-conversation limits are what bind).
+_SPREAD = 0.02
 
 
 def senders(settings: Settings, http: aiohttp.ClientSession) -> dict[str, tuple[Sender, Pacing]]:
@@ -38,6 +45,14 @@ def senders(settings: Settings, http: aiohttp.ClientSession) -> dict[str, tuple[
         sender = TelegramSender(http, settings.telegram_api_url, settings.telegram_bot_token)
         pacing = Pacing(settings.telegram_chat_rate.interval, settings.telegram_rate.interval)
         out[TELEGRAM] = (sender, pacing)
+    if settings.slack_enabled:
+        slack_sender = SlackSender(http, settings.slack_api_url, settings.slack_bot_token)
+        out[SLACK] = (slack_sender, Pacing(settings.slack_channel_rate.interval, _SPREAD))
+    if settings.discord_enabled:
+        app_id = settings.discord_application_id
+        discord_sender = DiscordSender(http, settings.discord_api_url, app_id)
+        # An interaction's answer is an edit of its own response: no per-channel pace.
+        out[DISCORD] = (discord_sender, Pacing(0.0, _SPREAD))
     return out
 
 
@@ -59,7 +74,9 @@ class ChannelWorker:
     ) -> None:
         self.settings = settings
         self.broker = channel_broker(settings, "bot-channels")
-        self.outgoing = Outgoing(self.broker, settings.queue_prefix)
+        self.outgoing = Outgoing(
+            self.broker, redis, settings.queue_prefix, settings.idempotency_ttl
+        )
         self.processor = Processor(
             self.broker,
             redis,

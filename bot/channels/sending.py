@@ -23,3 +23,11 @@ class Sender(Protocol):
     """One platform's send call."""
 
     async def send(self, out: Outbound) -> Sent: ...
+
+
+def classify(status: int, description: str) -> Sent:
+    """A non-2xx, non-429 answer: 5xx (and 408) are worth another try, any other 4xx is not
+    (403 blocked, 400 chat not found, 404 unknown webhook)."""
+    if status >= 500 or status == 408:
+        return Sent("transient", f"{status}: {description}")
+    return Sent("permanent", f"{status}: {description}")

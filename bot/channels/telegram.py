@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bot.channels.sending import Sent
+from bot.channels.sending import Sent, classify
 from bot.channels.wire import Inbound, Outbound
 from bot.errors import Unauthorized
 from bot.settings import Settings
@@ -88,7 +88,4 @@ class TelegramSender:
             after = params.get("retry_after") if isinstance(params, dict) else None
             seconds = float(after) if isinstance(after, int | float) else 1.0
             return Sent("paused", f"429: {description}", retry_after=seconds)
-        if status >= 500:
-            return Sent("transient", f"{status}: {description}")
-        # 400 chat not found, 403 bot blocked, 401 bad token: no retry makes them succeed.
-        return Sent("permanent", f"{status}: {description}")
+        return classify(status, description)

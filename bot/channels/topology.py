@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from bot.channels.wire import SHARDS
 
-CHANNELS = ("telegram",)  # every channel the stack knows (enabled or not)
+CHANNELS = ("telegram", "slack", "discord")  # every channel the stack knows (enabled or not)
 
 
 def inbound(prefix: str, n: int) -> str:

@@ -24,6 +24,11 @@ class Inbound:
     conversation: str  # where the answer goes (a Telegram chat id)
     message_id: str  # the core's idempotency key: tg:{update_id}
     text: str
+    extra: dict[str, str] = field(default_factory=dict)  # what the answer's send needs
+
+    def answer(self, ident: str, text: str) -> Outbound:
+        """The message that answers this update (`ident` unique per message sent)."""
+        return Outbound(self.channel, self.conversation, ident, text, self.user_id, self.extra)
 
     @property
     def lane(self) -> str:
@@ -39,7 +44,7 @@ class Outbound:
     id: str
     text: str
     user_id: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def lane(self) -> str:
@@ -75,13 +80,20 @@ def _texts(data: dict[str, Any], names: tuple[str, ...]) -> list[str]:
     return [str(v) for v in values]
 
 
+def _extra(data: dict[str, Any]) -> dict[str, str]:
+    extra = data.get("extra") or {}
+    if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+        raise ValueError("field extra is not an object of strings")
+    return {str(k): v for k, v in extra.items()}
+
+
 def decode_inbound(body: bytes) -> Inbound:
     """Inverse of `encode` for an `Inbound`; ValueError on anything else."""
     data = _load(body)
     channel, user_id, conversation, message_id, text = _texts(
         data, ("channel", "user_id", "conversation", "message_id", "text")
     )
-    return Inbound(channel, user_id, conversation, message_id, text)
+    return Inbound(channel, user_id, conversation, message_id, text, _extra(data))
 
 
 def decode_outbound(body: bytes) -> Outbound:
@@ -90,7 +102,4 @@ def decode_outbound(body: bytes) -> Outbound:
     channel, conversation, ident, text, user_id = _texts(
         data, ("channel", "conversation", "id", "text", "user_id")
     )
-    extra = data.get("extra") or {}
-    if not isinstance(extra, dict):
-        raise ValueError("field extra is not an object")
-    return Outbound(channel, conversation, ident, text, user_id, extra)
+    return Outbound(channel, conversation, ident, text, user_id, _extra(data))
