@@ -80,8 +80,10 @@ async def post(client: AppClient, body: dict[str, Any], secret: str | None = SEC
     return await client.post("/channels/telegram", json=body, headers=headers)
 
 
-async def sent(upstream: Upstream, chat_id: int) -> list[dict[str, Any]]:
-    resp = await _stub_get(upstream, "/admin/telegram/sent")
+async def sent(
+    upstream: Upstream, chat_id: int | str, platform: str = "telegram"
+) -> list[dict[str, Any]]:
+    resp = await _stub_get(upstream, f"/admin/{platform}/sent")
     return [s for s in resp if s["conversation"] == str(chat_id)]
 
 
@@ -100,11 +102,20 @@ async def _stub_post(upstream: Upstream, path: str, body: Any) -> Any:
 
 
 async def wait_sent(
-    upstream: Upstream, chat_id: int, n: int, timeout: float = 10.0, status: Any = 200
+    upstream: Upstream,
+    chat_id: int | str,
+    n: int,
+    timeout: float = 10.0,
+    status: Any = 200,
+    platform: str = "telegram",
 ) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
-        got = [s for s in await sent(upstream, chat_id) if status is None or s["status"] == status]
+        got = [
+            s
+            for s in await sent(upstream, chat_id, platform)
+            if status is None or s["status"] == status
+        ]
         if len(got) >= n or time.monotonic() > deadline:
             return got
         await asyncio.sleep(0.05)
