@@ -1,6 +1,7 @@
 """The stub's chat platforms: every send recorded in order, faults scripted per conversation.
 
     POST /bot{token}/sendMessage                       Telegram {"chat_id", "text"}
+    POST /bot{token}/setWebhook                        Telegram (recorded as "setWebhook")
     POST /slack/api/chat.postMessage                   Slack {"channel", "text"} (Bearer token)
     POST /slack/hooks/{hook}                           a Slack slash command's response_url
     PATCH /discord/api/webhooks/{app}/{token}/messages/@original
@@ -105,6 +106,15 @@ async def telegram_send(request: web.Request) -> web.Response:
     return _json({"ok": True, "result": {**result, "text": text}})
 
 
+async def telegram_set_webhook(request: web.Request) -> web.Response:
+    """Recorded under the conversation "setWebhook", its body as the text."""
+    data = await _body(request)
+    if not isinstance(data.get("url"), str):
+        return _json({"ok": False, "error_code": 400, "description": "Bad Request: url"}, 400)
+    await _record(request, "telegram", "setWebhook", orjson.dumps(data).decode())
+    return _json({"ok": True, "result": True, "description": "Webhook was set"})
+
+
 async def _slack(request: web.Request, conversation: str, text: Any) -> web.Response:
     if not isinstance(text, str):
         return _json({"ok": False, "error": "no_text"})
@@ -192,6 +202,7 @@ async def reset(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app[STATE] = {name: Platform() for name in PLATFORMS}
     app.router.add_post("/bot{token}/sendMessage", telegram_send)
+    app.router.add_post("/bot{token}/setWebhook", telegram_set_webhook)
     app.router.add_post("/slack/api/chat.postMessage", slack_post)
     app.router.add_post("/slack/hooks/{hook}", slack_hook)
     app.router.add_patch("/discord/api/webhooks/{app}/{token}/messages/@original", discord_edit)

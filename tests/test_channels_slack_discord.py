@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,7 +23,9 @@ from redis.asyncio import Redis
 from slack_sdk.signature import SignatureVerifier
 
 from bot.api.keys import SETTINGS
+from bot.channels import admin
 from bot.channels.intake import dedupe_key
+from bot.settings import load_settings
 from tests.support import AppClient, Upstream
 from tests.test_channels import (
     MakeClient,
@@ -239,3 +243,22 @@ async def test_discord_429_pauses_then_edits(client: AppClient, upstream: Upstre
         got = await wait_sent(upstream, token, 2, status=None, platform="discord")
     assert [s["status"] for s in got] == [429, 200]
     assert got[1]["at"] - got[0]["at"] >= 1.5
+
+
+async def test_cli_sets_the_webhook_and_registers_commands(upstream: Upstream) -> None:
+    env = {**channel_env(upstream), **slack_env(upstream)}
+    settings = load_settings(env, dotenv=Path("/dev/null"))
+    url = "https://bot.example.test/channels/telegram"
+    for _ in range(2):  # idempotent: the same call each time
+        assert await asyncio.to_thread(admin.set_webhook, settings, url, True) == 0
+    calls = await sent(upstream, "setWebhook")
+    assert len(calls) == 2 and calls[0]["text"] == calls[1]["text"]
+    body = orjson.loads(calls[0]["text"])
+    assert body["secret_token"] == settings.telegram_webhook_secret
+    assert body["allowed_updates"] == ["message"] and body["drop_pending_updates"] is True
+    assert await asyncio.to_thread(admin.set_webhook, settings, "http://plain", False) == 2
+    with_token = replace(settings, discord_bot_token="bot-token")
+    assert await asyncio.to_thread(admin.register_commands, with_token) == 0
+    [registered] = await sent(upstream, f"commands:{APP_ID}", "discord")
+    assert registered["auth"] == "Bot bot-token"
+    assert [c["name"] for c in orjson.loads(registered["text"])] == ["ask"]
