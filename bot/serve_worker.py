@@ -59,13 +59,16 @@ async def _run(settings: Settings, host: str, metrics_port: int) -> None:
             asyncio.create_task(Relay(outbox, broker).run()),
             asyncio.create_task(watch_queues(broker, outbox)),
         ]
+        draining: list[asyncio.Task[None]] = []
         if channels is not None:
-            background.append(asyncio.create_task(_heartbeat_and(store, channels.run(stop))))
+            draining.append(asyncio.create_task(_heartbeat_and(store, channels.run(stop))))
         log.info("worker_started", metrics_port=metrics_port, prefix=settings.queue_prefix)
         try:
             await worker.run(stop)
         finally:
-            await runtime.cancel_and_wait(*background)
+            if draining:  # the channels drain on `stop` too, beside the retry worker
+                await asyncio.wait(draining, timeout=settings.drain_timeout + 2)
+            await runtime.cancel_and_wait(*background, *draining)
             await broker.close()
     log.info("worker_stopped")
 

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from bot import metrics
 from bot.channels import topology
 from bot.channels.consumer import ShardConsumer, ack
-from bot.channels.sending import Sender
+from bot.channels.sending import Sender, Sent
 from bot.channels.wire import SHARDS, Outbound, decode_outbound
 from bot.logging import get_logger
 from bot.retries.broker import Broker, BrokerUnavailable
@@ -103,7 +103,11 @@ class Delivery:
                 await asyncio.sleep(_HOLD)
                 continue
             await self._pace(out, pacing)
-            result = await sender.send(out)
+            try:
+                result = await sender.send(out)
+            except Exception as exc:  # a sender's bug must not wedge its conversation
+                log.exception("outbound_send_crashed", channel=out.channel)
+                result = Sent("transient", type(exc).__name__)
             self._last[out.lane] = time.monotonic()
             if result.kind == "ok":
                 metrics.OUTBOUND_SENDS.labels(out.channel, "sent").inc()

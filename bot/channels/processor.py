@@ -25,7 +25,7 @@ from bot.channels.outbound import Outgoing
 from bot.channels.wire import SHARDS, Inbound, Outbound, decode_inbound
 from bot.core.service import BotService
 from bot.core.validation import parse_message
-from bot.errors import BadRequest, RateLimited, Unavailable
+from bot.errors import BotError, RateLimited, Unavailable
 from bot.logging import get_logger
 from bot.retries.broker import Broker, BrokerUnavailable
 
@@ -80,6 +80,11 @@ class Processor:
                     "channel_update_held", message_id=update.message_id, error=type(exc).__name__
                 )
                 await asyncio.sleep(_HOLD)
+            except Exception:
+                # A bug, not a dependency: holding the update would stop its conversation
+                # for good. Logged with its id, and let go.
+                log.exception("channel_update_failed", message_id=update.message_id)
+                break
         metrics.CHANNEL_UPDATES.labels(update.channel, "processed").inc()
         await ack(message)
 
@@ -97,7 +102,9 @@ class Processor:
             outcome = await self.service.handle(msg)
         except RateLimited as exc:
             return await self._polite(update, exc.retry_after)
-        except BadRequest as exc:
+        except Unavailable:
+            raise  # a dependency: the conversation holds and tries again
+        except BotError as exc:  # a bad command, a 101st pref: the user reads why
             return update.answer(update.message_id, exc.message)
         if outcome.kind != "replied":
             return None
