@@ -141,7 +141,6 @@ async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATE].readiness.extend([("redis", redis_ready), ("rabbitmq", broker.ready)])
     log_api_access(settings)
     metrics.init()
-    metrics.init_channels(settings.channels)
     await broker.start()
     async with store.heartbeat.running(), inbox_watch.running(watch):
         relay = asyncio.create_task(Relay(outbox, broker).run())

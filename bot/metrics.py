@@ -88,20 +88,31 @@ MESSAGE_OUTCOMES = ("replied", "queued", "rate_limited", "duplicate", "rejected"
 DEAD_REASONS = ("max_attempts", "redelivered", "unreadable", "outbox_unreadable")
 # queued, duplicate (already taken), ignored (no text), busy (another replica is queueing it),
 # unauthorized, unavailable (Redis or RabbitMQ away: 503), processed (answered by the core).
-CHANNEL_OUTCOMES = ("queued", "duplicate", "ignored", "busy", "unauthorized", "unavailable")
+CHANNELS = ("telegram", "slack", "discord")
+CHANNEL_OUTCOMES = (
+    "queued",
+    "duplicate",
+    "ignored",
+    "busy",
+    "unauthorized",
+    "unavailable",
+    "processed",
+)
 # sent (2xx), skipped (sent before), rate_limited (429), error (5xx, timeout: retried),
 # dead_lettered (permanent, or out of attempts).
 SEND_OUTCOMES = ("sent", "skipped", "rate_limited", "error", "dead_lettered")
 
 
 def init_channels(channels: tuple[str, ...]) -> None:
-    """The channel series at zero, for the enabled channels."""
+    """The channel series at zero."""
     for channel in channels:
         for outcome in CHANNEL_OUTCOMES:
             CHANNEL_UPDATES.labels(channel, outcome)
         for outcome in SEND_OUTCOMES:
             OUTBOUND_SENDS.labels(channel, outcome)
         OUTBOUND_DUPLICATES.labels(channel)
+        OUTBOUND_QUEUE.labels(channel)
+        OUTBOUND_PAUSED.labels(channel)
 
 
 def init() -> None:
@@ -118,6 +129,8 @@ def init() -> None:
     for reason in DEAD_REASONS:
         DEAD_LETTERS.labels(reason=reason)
     CIRCUIT_STATE.set(0)
+    # Every channel's series, enabled or not: the alert and the dashboard read zeros, not gaps.
+    init_channels(CHANNELS)
 
 
 def render() -> tuple[bytes, str]:

@@ -21,6 +21,7 @@ import orjson
 
 from bot.channels import topology
 from bot.channels.discord import COMMANDS
+from bot.metrics import CHANNELS
 from bot.settings import Settings
 
 ALLOWED_UPDATES = ["message"]
@@ -30,7 +31,7 @@ TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 async def _depths(settings: Settings) -> dict[str, int | None]:
     """Messages in each channel queue (None when it was never declared)."""
-    names = topology.names(settings.queue_prefix, topology.CHANNELS)
+    names = topology.names(settings.queue_prefix, CHANNELS)
     depths: dict[str, int | None] = {}
     connection = await aio_pika.connect(settings.amqp_url, timeout=5)
     async with connection:

@@ -95,7 +95,6 @@ class ChannelWorker:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        metrics.init_channels(self.settings.channels)
         await self.broker.start()
         watch = asyncio.create_task(self._watch())
         try:

@@ -20,8 +20,6 @@ from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from bot.channels.wire import SHARDS
 
-CHANNELS = ("telegram", "slack", "discord")  # every channel the stack knows (enabled or not)
-
 
 def inbound(prefix: str, n: int) -> str:
     return f"{prefix}.chan.in.{n}"
