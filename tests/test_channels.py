@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from bot import runtime
 from bot.api.keys import SETTINGS, STATE
-from bot.channels import topology
+from bot.channels import admin, topology
 from bot.channels.intake import dedupe_key
 from bot.channels.runner import ChannelWorker
 from bot.core.service import BotService
@@ -318,3 +318,15 @@ async def _dead_reasons(settings: Settings, message_id: str) -> list[str]:
                 await msg.nack(requeue=True)
                 break
     return reasons
+
+
+async def test_channels_status_names_every_queue_and_its_depth(
+    tg: AppClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = tg.app[SETTINGS]
+    assert await asyncio.to_thread(admin.status, settings) == 0
+    out = capsys.readouterr().out
+    assert "enabled: telegram" in out
+    for name in topology.names(settings.queue_prefix, ("telegram",)):
+        [line] = [line for line in out.splitlines() if line.startswith(name + " ")]
+        assert line.split()[-1].isdigit(), line  # declared by the replica: a depth
