@@ -11,8 +11,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import inbox_watch, metrics, runtime
-from bot.api import docs, health, messages, middleware, prefs, replies, webchat
+from bot.api import channels, docs, health, messages, middleware, prefs, replies, webchat
 from bot.api.keys import (
+    CHANNELS,
     HTTP,
     MESSAGES_ROUTE,
     REDIS,
@@ -20,10 +21,13 @@ from bot.api.keys import (
     SETTINGS,
     SIGNER,
     STATE,
+    Channels,
     Replica,
     ReplicaState,
 )
 from bot.api.longpoll import LongPolls
+from bot.channels import topology as channel_topology
+from bot.channels.intake import Intake
 from bot.core.service import BotService
 from bot.errors import MAX_BODY
 from bot.inbox import Inbox
@@ -57,6 +61,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/openapi.json", docs.openapi)
     prefs.add_routes(app.router)
     webchat.add_routes(app.router)
+    channels.add_routes(app.router)
     return app
 
 
@@ -97,7 +102,11 @@ async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
     it dies mid-answer others take over at once.
     """
     settings, redis, http = app[SETTINGS], app[REDIS], app[HTTP]
-    broker = Broker.from_settings(settings, f"bot-replica-{settings.queue_prefix}")
+    broker = Broker.from_settings(
+        settings,
+        f"bot-replica-{settings.queue_prefix}",
+        declare_more=channel_topology.declarer(settings.queue_prefix, settings.channels),
+    )
     outbox = Outbox(redis, settings.queue_prefix)
     # Long polls wait on one blocking reader, on a connection of its own (its block outlasts
     # the shared pool's 1 s socket timeout).
@@ -136,6 +145,8 @@ async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
         key_limiter=SharedLimiter.for_api_keys(settings, redis),
         upstream_probe=upstream_ready,
     )
+    intake = Intake(redis, broker, settings.queue_prefix) if settings.channels else None
+    app[CHANNELS] = Channels.from_settings(settings, intake)
     app[STATE].readiness.extend([("redis", redis_ready), ("rabbitmq", broker.ready)])
     log_api_access(settings)
     metrics.init()

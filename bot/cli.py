@@ -52,6 +52,12 @@ def _dlq(args: argparse.Namespace) -> int:
     return dlq.run(_settings(), args)
 
 
+def _channels(args: argparse.Namespace) -> int:
+    from bot.channels import admin
+
+    return admin.run(_settings(), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bot", description="The resilient bot stack.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bot.retries.dlq import add_parser as add_dlq_parser
 
     add_dlq_parser(sub, _dlq)
+    from bot.channels.admin import add_parser as add_channels_parser
+
+    add_channels_parser(sub, _channels)
     return parser
 
 

@@ -82,6 +82,26 @@ REDIS_BATCH = Histogram(
     "Redis commands sent together in one auto-pipelined batch",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+# Chat channels (docs/channels.md).
+CHANNEL_UPDATES = Counter(
+    "bot_channel_updates", "Platform updates taken in, by outcome", ["channel", "outcome"]
+)
+OUTBOUND_SENDS = Counter(
+    "bot_outbound_sends", "Platform send attempts, by outcome", ["channel", "outcome"]
+)
+OUTBOUND_DUPLICATES = Counter(
+    "bot_outbound_duplicates",
+    "Sends that may have repeated one (a crash between the platform's 2xx and the record)",
+    ["channel"],
+)
+OUTBOUND_QUEUE = Gauge(
+    "bot_outbound_queue_messages", "Messages waiting in a channel's outbound queues", ["channel"]
+)
+OUTBOUND_PAUSED = Gauge(
+    "bot_outbound_paused_conversations",
+    "Conversations paused by a platform 429 in this process",
+    ["channel"],
+)
 BUILD_INFO = Gauge("bot_build_info", "Build information (always 1)", ["version"])
 
 MESSAGE_OUTCOMES = ("replied", "queued", "rate_limited", "duplicate", "rejected", "shed")
@@ -119,6 +139,33 @@ class HttpSeries:
 
 
 HTTP = HttpSeries()
+# queued, duplicate (already taken), ignored (no text), busy (another replica is queueing it),
+# unauthorized, unavailable (Redis or RabbitMQ away: 503), processed (answered by the core).
+CHANNELS = ("telegram", "slack", "discord")
+CHANNEL_OUTCOMES = (
+    "queued",
+    "duplicate",
+    "ignored",
+    "busy",
+    "unauthorized",
+    "unavailable",
+    "processed",
+)
+# sent (2xx), skipped (sent before), rate_limited (429), error (5xx, timeout: retried),
+# dead_lettered (permanent, or out of attempts).
+SEND_OUTCOMES = ("sent", "skipped", "rate_limited", "error", "dead_lettered")
+
+
+def init_channels(channels: tuple[str, ...]) -> None:
+    """The channel series at zero."""
+    for channel in channels:
+        for outcome in CHANNEL_OUTCOMES:
+            CHANNEL_UPDATES.labels(channel, outcome)
+        for outcome in SEND_OUTCOMES:
+            OUTBOUND_SENDS.labels(channel, outcome)
+        OUTBOUND_DUPLICATES.labels(channel)
+        OUTBOUND_QUEUE.labels(channel)
+        OUTBOUND_PAUSED.labels(channel)
 
 
 def init() -> None:
@@ -135,6 +182,8 @@ def init() -> None:
     for reason in DEAD_REASONS:
         DEAD_LETTERS.labels(reason=reason)
     CIRCUIT_STATE.set(0)
+    # Every channel's series, enabled or not: the alert and the dashboard read zeros, not gaps.
+    init_channels(CHANNELS)
 
 
 def render() -> tuple[bytes, str]:

@@ -7,16 +7,22 @@ back to the queue unacked), then closes the clients.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import uvloop
 
 from bot import metrics, runtime
+from bot.channels.runner import ChannelWorker
+from bot.core.service import BotService
 from bot.inbox import Inbox
 from bot.logging import get_logger
 from bot.retries.broker import Broker
 from bot.retries.outbox import Outbox, Relay
+from bot.retries.publisher import RetryQueue
 from bot.retries.worker import Worker, watch_queues
 from bot.settings import Settings
+from bot.store import Store
 from bot.upstream import build_answerer
 
 log = get_logger(__name__)
@@ -32,19 +38,45 @@ async def _run(settings: Settings, host: str, metrics_port: int) -> None:
         broker = Broker.from_settings(settings, "bot-worker", prefetch=settings.retry_prefetch)
         outbox = Outbox(redis, settings.queue_prefix)
         answerer = build_answerer(settings, redis, session)
-        worker = Worker.from_settings(settings, broker, Inbox(redis), answerer)
+        inbox = Inbox(redis)
+        stop = runtime.stop_event()
+        channels = None
+        if settings.channels:
+            # The chat channels' processor and delivery: the same core as a replica's.
+            store = Store.from_settings(settings, redis)
+            service = BotService.from_settings(
+                settings,
+                store,
+                answerer,
+                deferrer=RetryQueue.from_settings(settings, broker, outbox, redis),
+                inbox=inbox,
+            )
+            channels = ChannelWorker(settings, redis, session, service)
+        forward = channels.outgoing.forward if channels is not None else None
+        worker = Worker.from_settings(settings, broker, inbox, answerer, forward)
         await broker.start()
         background = [
             asyncio.create_task(Relay(outbox, broker).run()),
             asyncio.create_task(watch_queues(broker, outbox)),
         ]
+        draining: list[asyncio.Task[None]] = []
+        if channels is not None:
+            draining.append(asyncio.create_task(_heartbeat_and(store, channels.run(stop))))
         log.info("worker_started", metrics_port=metrics_port, prefix=settings.queue_prefix)
         try:
-            await worker.run(runtime.stop_event())
+            await worker.run(stop)
         finally:
-            await runtime.cancel_and_wait(*background)
+            if draining:  # the channels drain on `stop` too, beside the retry worker
+                await asyncio.wait(draining, timeout=settings.drain_timeout + 2)
+            await runtime.cancel_and_wait(*background, *draining)
             await broker.close()
     log.info("worker_stopped")
+
+
+async def _heartbeat_and(store: Store, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` with the store's heartbeat beating (it names this process in claims)."""
+    async with store.heartbeat.running():
+        await work
 
 
 def serve_worker(settings: Settings, metrics_port: int, host: str = "127.0.0.1") -> None:

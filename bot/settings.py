@@ -189,6 +189,22 @@ class Settings:
     idempotency_ttl: int = 86400
     drain_timeout: float = 10.0
     redis_maxmemory: str = DEFAULT_REDIS_MAXMEMORY  # of a Redis `make up` starts itself
+    # Chat channels (docs/channels.md): Telegram is enabled when its token and secret are set.
+    telegram_bot_token: str = ""
+    telegram_webhook_secret: str = ""
+    telegram_api_url: str = "https://api.telegram.org"
+    telegram_chat_rate: Rate = Rate(1, 1.0)  # sends per chat
+    telegram_rate: Rate = Rate(30, 1.0)  # sends overall, per delivering process
+    # Slack: enabled when the signing secret and the bot token are set.
+    slack_signing_secret: str = ""
+    slack_bot_token: str = ""
+    slack_api_url: str = "https://slack.com/api"
+    slack_channel_rate: Rate = Rate(1, 1.0)  # sends per Slack channel
+    # Discord: enabled when the public key and the application id are set.
+    discord_public_key: str = ""
+    discord_application_id: str = ""
+    discord_bot_token: str = ""  # only `bot channels discord register-commands` needs it
+    discord_api_url: str = "https://discord.com/api/v10"
 
     def replica_port(self, index: int) -> int:
         """Port of replica `index` (1-based)."""
@@ -245,10 +261,42 @@ class Settings:
         return "loopback clients only (set BOT_API_KEYS, or BOT_OPEN_API=1 to open it)"
 
     @property
+    def telegram_enabled(self) -> bool:
+        """`POST /channels/telegram` answers (else 404) and its sends are delivered."""
+        return bool(self.telegram_bot_token and self.telegram_webhook_secret)
+
+    @property
+    def slack_enabled(self) -> bool:
+        return bool(self.slack_signing_secret and self.slack_bot_token)
+
+    @property
+    def discord_enabled(self) -> bool:
+        return bool(self.discord_public_key and self.discord_application_id)
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The chat channels enabled by their secrets."""
+        enabled = (
+            ("telegram", self.telegram_enabled),
+            ("slack", self.slack_enabled),
+            ("discord", self.discord_enabled),
+        )
+        return tuple(name for name, on in enabled if on)
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line."""
-        keys = (k.key for k in self.api_keys)
-        return tuple(s for s in (*keys, self.upstream_api_key, self.webchat_secret) if s)
+        values = (
+            *(k.key for k in self.api_keys),
+            self.upstream_api_key,
+            self.webchat_secret,
+            self.telegram_bot_token,
+            self.telegram_webhook_secret,
+            self.slack_signing_secret,
+            self.slack_bot_token,
+            self.discord_bot_token,
+        )
+        return tuple(s for s in values if s)
 
 
 _Parser = Callable[[str], object]
@@ -372,6 +420,26 @@ def _queue_prefix(v: str) -> str:
     return v
 
 
+def _telegram_secret(v: str) -> str:
+    # Telegram's own rule for `secret_token`: 1-256 of A-Z a-z 0-9 _ -.
+    if v and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", v):
+        raise ValueError("must be 1-256 chars of [A-Za-z0-9_-] (Telegram's secret_token)")
+    return v
+
+
+def _hex_key(v: str) -> str:
+    # Discord's application public key: 32 bytes of Ed25519, hex.
+    if v and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+        raise ValueError("must be 64 hex digits (the application's Ed25519 public key)")
+    return v.lower()
+
+
+def _snowflake(v: str) -> str:
+    if v and not re.fullmatch(r"[0-9]{1,20}", v):
+        raise ValueError("must be a Discord id (digits)")
+    return v
+
+
 _PORT = _int(1, 65535)
 # environment variable -> (field, parser)
 _ENV: dict[str, tuple[str, _Parser]] = {
@@ -436,9 +504,31 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "BOT_IDEMPOTENCY_TTL": ("idempotency_ttl", _int(60, 30 * 86400)),
     "BOT_DRAIN_TIMEOUT": ("drain_timeout", _float(0, 300)),
     "BOT_REDIS_MAXMEMORY": ("redis_maxmemory", _memory),
+    "TELEGRAM_BOT_TOKEN": ("telegram_bot_token", _text),
+    "TELEGRAM_WEBHOOK_SECRET": ("telegram_webhook_secret", _telegram_secret),
+    "TELEGRAM_API_URL": ("telegram_api_url", _url("http", "https")),
+    "BOT_TELEGRAM_CHAT_RATE": ("telegram_chat_rate", parse_rate),
+    "BOT_TELEGRAM_RATE": ("telegram_rate", parse_rate),
+    "SLACK_SIGNING_SECRET": ("slack_signing_secret", _text),
+    "SLACK_BOT_TOKEN": ("slack_bot_token", _text),
+    "SLACK_API_URL": ("slack_api_url", _url("http", "https")),
+    "BOT_SLACK_CHANNEL_RATE": ("slack_channel_rate", parse_rate),
+    "DISCORD_PUBLIC_KEY": ("discord_public_key", _hex_key),
+    "DISCORD_APPLICATION_ID": ("discord_application_id", _snowflake),
+    "DISCORD_BOT_TOKEN": ("discord_bot_token", _text),
+    "DISCORD_API_URL": ("discord_api_url", _url("http", "https")),
 }
 # Secrets may come from a file (Docker/Kubernetes secrets): NAME_FILE points at it.
-_FILE_VARS = ("BOT_API_KEYS", "UPSTREAM_API_KEY", "BOT_WEBCHAT_SECRET")
+_FILE_VARS = (
+    "BOT_API_KEYS",
+    "UPSTREAM_API_KEY",
+    "BOT_WEBCHAT_SECRET",
+    "TELEGRAM_BOT_TOKEN",
+    "TELEGRAM_WEBHOOK_SECRET",
+    "SLACK_SIGNING_SECRET",
+    "SLACK_BOT_TOKEN",
+    "DISCORD_BOT_TOKEN",
+)
 # Settings too long for an environment variable may come from a file the same way.
 _TEXT_FILE_VARS = ("UPSTREAM_SYSTEM_PROMPT",)
 

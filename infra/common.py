@@ -133,6 +133,7 @@ def drop_queues(settings: Settings) -> None:
     has nothing to clean."""
     import aio_pika
 
+    from bot.channels import topology as channel_topology
     from bot.retries.topology import Topology, delete
 
     async def drop() -> None:
@@ -140,6 +141,8 @@ def drop_queues(settings: Settings) -> None:
         async with connection:
             channel = await connection.channel()
             await delete(channel, settings.queue_prefix, Topology.from_settings(settings).levels)
+            for name in channel_topology.names(settings.queue_prefix, settings.channels):
+                await channel.queue_delete(name)
 
     # In a thread of its own: the caller may be running an event loop (an async test).
     with contextlib.suppress(Exception), ThreadPoolExecutor(1) as pool:

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bot.metrics import CHANNELS
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "grafana" / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
@@ -260,6 +262,38 @@ INFRASTRUCTURE: list[Panel] = [
         [("{{job}} {{replica}}", "sum by (job, replica) (process_resident_memory_bytes)")],
     ),
 ]
+
+
+def _channel_row(channel: str) -> list[Panel]:
+    """A row per chat channel: what came in and went out, and what waits."""
+    c = f'channel="{channel}"'
+    return [
+        (
+            f"{channel}: updates in and sends out",
+            "reqps",
+            [
+                (
+                    "in {{outcome}}",
+                    f"sum by (outcome) (rate(bot_channel_updates_total{{{c}}}[{R}]))",
+                ),
+                (
+                    "out {{outcome}}",
+                    f"sum by (outcome) (rate(bot_outbound_sends_total{{{c}}}[{R}]))",
+                ),
+            ],
+        ),
+        (
+            f"{channel}: outbound backlog and paused conversations",
+            "short",
+            [
+                ("queued", f"max(bot_outbound_queue_messages{{{c}}})"),
+                ("paused (429)", f"sum(bot_outbound_paused_conversations{{{c}}})"),
+            ],
+        ),
+    ]
+
+
+BOT_OVERVIEW += [panel for channel in CHANNELS for panel in _channel_row(channel)]
 
 
 def _panel(index: int, panel: Panel) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
+from infra import stub_platforms
 from infra.common import settings_or_exit
 
 FAULTS = web.AppKey("faults", dict)
@@ -322,6 +323,7 @@ def create_stub_app(latency_ms: int = 300) -> web.Application:
     app.router.add_get("/admin/stats", stats)
     app.router.add_post("/admin/reset", reset)
     app.router.add_get("/healthz", healthz)
+    stub_platforms.add_routes(app)  # Telegram, Slack and Discord, for the channels
     return app
 
 

@@ -164,6 +164,7 @@ SLOW_FILES_FIRST = (  # by their time on 4 workers, slowest first (--durations=0
     "test_make",
     "test_webchat_browser",
     "test_resilience",
+    "test_channels_system",
     "test_retries",
     "test_observability_stack",
     "test_hostile_api",

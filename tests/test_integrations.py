@@ -284,6 +284,19 @@ def test_every_documented_route_answers_as_documented(stack: Stack) -> None:
             403,
         ),
         ("GET", "/chat/events", {}, 401),  # with a cookie it streams: tests/test_webchat.py
+        # The chat channels: this stack sets no platform secrets, so each answers 404 JSON.
+        ("POST", "/channels/telegram", {"json": {"update_id": 1}}, 404),
+        ("POST", "/channels/slack/events", {"json": {"type": "event_callback"}}, 404),
+        (
+            "POST",
+            "/channels/slack/commands",
+            {
+                "data": "team_id=T&user_id=U&channel_id=C&trigger_id=t&response_url=x",
+                "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+            },
+            404,
+        ),
+        ("POST", "/channels/discord/interactions", {"json": {"type": 1}}, 404),
     ]
     for method, path, kw, status in cases:
         r = _check(api, method, stack.url + path, **kw)

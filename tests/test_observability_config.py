@@ -30,8 +30,13 @@ CONTRACT_ALERTS = {
     "RabbitMQDown",
     "NginxUpstreamErrors",
 }
-# Beyond the contract's list: the LLM upstream's (issue 19), both tickets.
-ALERTS = CONTRACT_ALERTS | {"UpstreamQuotaExhausted", "UpstreamBudgetExceeded"}
+# Beyond the contract's list: the LLM upstream's (issue 19), both tickets, and the chat
+# channels' delivery alert (issue 18).
+ALERTS = CONTRACT_ALERTS | {
+    "UpstreamQuotaExhausted",
+    "UpstreamBudgetExceeded",
+    "ChannelDeliveryFailing",
+}
 
 
 def alert_rules() -> list[dict[str, object]]:

@@ -14,6 +14,9 @@ from aiohttp import ClientSession, web
 from redis.asyncio import Redis
 
 from bot.api.longpoll import LongPolls
+from bot.channels.discord import Verifier
+from bot.channels.intake import Intake
+from bot.channels.slack import SignatureVerifier
 from bot.core.service import BotService
 from bot.inbox import Inbox
 from bot.ratelimit import SharedLimiter
@@ -48,9 +51,25 @@ class Replica:
     upstream_probe: Check  # not in /readyz: an upstream outage is survivable
 
 
+@dataclass(frozen=True, slots=True)
+class Channels:
+    """The chat channels' intake (None when no channel is enabled) and request verifiers."""
+
+    intake: Intake | None
+    slack: SignatureVerifier
+    discord: Verifier
+
+    @classmethod
+    def from_settings(cls, settings: Settings, intake: Intake | None) -> Channels:
+        # A disabled channel's verifier refuses everything (its routes answer 404 first).
+        discord_key = settings.discord_public_key or "00" * 32
+        return cls(intake, SignatureVerifier(settings.slack_signing_secret), Verifier(discord_key))
+
+
 SETTINGS = web.AppKey("settings", Settings)
 STATE = web.AppKey("state", ReplicaState)
 REDIS = web.AppKey("redis", Redis)
 HTTP = web.AppKey("http", ClientSession)
 REPLICA = web.AppKey("replica", Replica)
 SIGNER = web.AppKey("webchat_signer", SessionSigner)  # set only when BOT_WEBCHAT_SECRET is
+CHANNELS = web.AppKey("channels", Channels)

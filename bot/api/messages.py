@@ -42,6 +42,11 @@ STATUS: dict[OutcomeKind, int] = {"replied": 200, "queued": 202}
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, or a 413/415/400 error."""
     require_json(request)
+    return parse_json(await read_body(request))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw request body (what a platform signed), or a 413/415/400 error."""
     # aiohttp would inflate a gzip/deflate body itself, and a corrupt one failed the read
     # (a 500); bodies are small, so none is accepted compressed (RFC 7694: 415).
     if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
@@ -57,6 +62,10 @@ async def read_json(request: web.Request) -> Any:
         raise BadRequest("request body could not be read", code="invalid_body") from None
     if not body:
         raise BadRequest("request body is empty", code="invalid_json")
+    return body
+
+
+def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 from aio_pika import DeliveryMode, Message, RobustConnection
-from aio_pika.abc import AbstractQueue, AbstractRobustChannel, HeadersType
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustChannel, HeadersType
 from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
@@ -29,6 +30,7 @@ PUBLISH_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 5.0
 # The header a dead-lettered job carries its reason in ("<code>: <detail>").
 REASON_HEADER = "reason"
+Declarer = Callable[[AbstractChannel], Awaitable[dict[str, AbstractQueue]]]
 
 
 class BrokerUnavailable(Exception):
@@ -38,8 +40,17 @@ class BrokerUnavailable(Exception):
 class Broker:
     """A robust connection, one confirming channel and the declared topology."""
 
-    def __init__(self, amqp_url: str, topology: Topology, name: str, *, prefetch: int = 0) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        topology: Topology,
+        name: str,
+        *,
+        prefetch: int = 0,
+        declare_more: Declarer | None = None,
+    ) -> None:
         self.amqp_url = amqp_url
+        self.declare_more = declare_more  # queues of others on this connection (channels)
         self.topology = topology
         self.name = name
         self.prefetch = prefetch
@@ -50,9 +61,17 @@ class Broker:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, name: str, *, prefetch: int = 0) -> Broker:
+    def from_settings(
+        cls,
+        settings: Settings,
+        name: str,
+        *,
+        prefetch: int = 0,
+        declare_more: Declarer | None = None,
+    ) -> Broker:
         """`AMQP_URL` with the topology of `BOT_QUEUE_PREFIX` and `BOT_RETRY_*`'s delays."""
-        return cls(settings.amqp_url, Topology.from_settings(settings), name, prefetch=prefetch)
+        topology = Topology.from_settings(settings)
+        return cls(settings.amqp_url, topology, name, prefetch=prefetch, declare_more=declare_more)
 
     async def start(self) -> None:
         """Begin connecting in the background; returns at once."""
@@ -82,7 +101,10 @@ class Broker:
                 assert isinstance(channel, AbstractRobustChannel)
                 if self.prefetch:
                     await channel.set_qos(prefetch_count=self.prefetch)
-                self.queues = await declare(channel, self.topology)
+                queues = await declare(channel, self.topology)
+                if self.declare_more is not None:
+                    queues.update(await self.declare_more(channel))
+                self.queues = queues
             except CONNECTION_EXCEPTIONS as exc:
                 log.error("rabbitmq_declare_failed", error=repr(exc))
                 await asyncio.sleep(1)

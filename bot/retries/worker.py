@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -48,6 +48,8 @@ _INFRA_PAUSE = 2.0
 _PROBE_INTERVAL = 0.5
 # Deliveries left before the broker's own (silent) dead-lettering when the worker parks a job.
 _DELIVERY_MARGIN = 1
+# (user_id, message_id, text): a deferred reply handed on to a chat channel.
+Forward = Callable[[str, str, str], Awaitable[None]]
 
 
 def delivery_count(message: AbstractIncomingMessage) -> int:
@@ -67,8 +69,12 @@ class Worker:
         policy: RetryPolicy,
         *,
         drain_timeout: float,
+        forward: Forward | None = None,
     ) -> None:
         self.broker = broker
+        # Sends a deferred reply on to its chat channel (bot.channels), before the inbox
+        # records it: a redelivered job forwards again, and delivery sends it once.
+        self.forward = forward
         self.inbox = inbox
         self.answerer = answerer
         self.policy = policy
@@ -79,13 +85,17 @@ class Worker:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, broker: Broker, inbox: Inbox, answerer: Answerer
+        cls,
+        settings: Settings,
+        broker: Broker,
+        inbox: Inbox,
+        answerer: Answerer,
+        forward: Forward | None = None,
     ) -> Worker:
         """`BOT_RETRY_*` and `BOT_DRAIN_TIMEOUT`."""
+        policy = RetryPolicy.from_settings(settings)
         drain = settings.drain_timeout
-        return cls(
-            broker, inbox, answerer, RetryPolicy.from_settings(settings), drain_timeout=drain
-        )
+        return cls(broker, inbox, answerer, policy, drain_timeout=drain, forward=forward)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; then let in-flight jobs finish (or hand them back) and return."""
@@ -227,6 +237,8 @@ class Worker:
             await self._give_up(job, "rejected", str(exc), exc.apology)
             await message.ack()
             return
+        if self.forward is not None:
+            await self.forward(job.user_id, job.message_id, answer.text)
         if await self.inbox.deliver(job.user_id, job.message_id, answer.text):
             metrics.REPLIES_DELIVERED.inc()
         metrics.RETRY_ATTEMPTS.labels(outcome="success").inc()
@@ -260,6 +272,8 @@ class Worker:
         The apology first: should Redis fail, nothing was parked yet and the job is put back
         whole; the inbox keeps one apology per message id whatever happens after.
         """
+        if self.forward is not None:
+            await self.forward(job.user_id, job.message_id, apology)
         if await self.inbox.deliver(job.user_id, job.message_id, apology, "apology"):
             metrics.REPLIES_DELIVERED.inc()
         await self.broker.dead_letter(
