@@ -77,18 +77,35 @@ def port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports for the stacks this code starts come from below the kernel's ephemeral range: a port
+# from that range (`bind(0)`) may be taken by any outgoing connection of any process between
+# the moment it is chosen and the moment the stack binds it, which parallel test workers, each
+# connecting to Redis and RabbitMQ all the time, made happen.
+_PORTS_FROM = 10000
+
+
 def free_port() -> int:
-    """A port the kernel says is free on the loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free port below the ephemeral range (nothing listens there, nothing connects from it)."""
+    top = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(_PORTS_FROM, top)
+        if port_free(port):
+            return port
+    raise RuntimeError("no free port")
 
 
 def free_port_block(size: int = 300) -> int:
-    """A base port whose `size` following ports are all free."""
+    """A base port whose `size` following ports are all free (below the ephemeral range)."""
     for _ in range(200):
-        base = random.randrange(20000, 60000 - size, 10)
+        base = random.randrange(_PORTS_FROM, _ephemeral_low() - size, 10)
         if all(port_free(base + i) for i in range(0, size)):
             return base
     raise RuntimeError("no free port block")
