@@ -12,18 +12,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-import orjson
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from bot.channels.sending import Sent, classify
+from bot.channels.sending import JSON_HEADERS, Sent, call, classify, json_object
 from bot.channels.wire import Inbound, Outbound
 from bot.errors import Unauthorized
 
 CHANNEL = "discord"
 PING, APPLICATION_COMMAND = 1, 2
 PONG, DEFERRED = {"type": 1}, {"type": 5}
-SEND_TIMEOUT = 10.0
 MAX_CONTENT = 2000  # Discord's limit on a message's content
 _SNOWFLAKE = re.compile(r"[0-9]{1,20}")
 _TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,512}")
@@ -97,26 +95,12 @@ class DiscordSender:
     async def send(self, out: Outbound) -> Sent:
         url = f"{self._base}/{out.extra.get('token', '')}/messages/@original"
         body = {"content": out.text[:MAX_CONTENT]}
-        try:
-            async with self.http.patch(
-                url,
-                data=orjson.dumps(body),
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT),
-            ) as resp:
-                status, raw = resp.status, await resp.read()
-                header = resp.headers.get("Retry-After")
-        except TimeoutError:
-            return Sent("transient", "timeout")
-        except aiohttp.ClientError as exc:
-            return Sent("transient", type(exc).__name__)
-        if 200 <= status < 300:
+        answer = await call(self.http, "PATCH", url, body, JSON_HEADERS)
+        if isinstance(answer, Sent):
+            return answer
+        if 200 <= answer.status < 300:
             return Sent("ok")
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = {}
-        data = data if isinstance(data, dict) else {}
+        status, data, header = answer.status, json_object(answer.raw), answer.retry_after
         if status == 429:
             after = data.get("retry_after", header)
             try:

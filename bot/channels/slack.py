@@ -19,13 +19,12 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from bot.channels.sending import Sent, classify
+from bot.channels.sending import JSON_HEADERS, Sent, call, classify
 from bot.channels.wire import Inbound, Outbound
 from bot.errors import Unauthorized
 
 CHANNEL = "slack"
 MAX_SKEW = 300
-SEND_TIMEOUT = 10.0
 _MENTION_RE = re.compile(r"^\s*<@[A-Z0-9]+>\s*")
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Web API errors that no retry can fix (the rest of `ok: false` are retried as transient).
@@ -140,22 +139,14 @@ class SlackSender:
         url = out.extra.get("response_url")
         if url:
             body: dict[str, Any] = {"response_type": "in_channel", "text": out.text}
-            headers = {"Content-Type": "application/json"}
+            headers = JSON_HEADERS
         else:
             url, body = self._post, {"channel": out.conversation, "text": out.text}
             headers = {"Content-Type": "application/json; charset=utf-8", **self._auth}
-        try:
-            async with self.http.post(
-                url,
-                data=orjson.dumps(body),
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT),
-            ) as resp:
-                status, raw, retry = resp.status, await resp.read(), resp.headers.get("Retry-After")
-        except TimeoutError:
-            return Sent("transient", "timeout")
-        except aiohttp.ClientError as exc:
-            return Sent("transient", type(exc).__name__)
+        answer = await call(self.http, "POST", url, body, headers)
+        if isinstance(answer, Sent):
+            return answer
+        status, raw, retry = answer.status, answer.raw, answer.retry_after
         if status == 429:
             seconds = float(retry) if retry and retry.replace(".", "", 1).isdigit() else 1.0
             return Sent("paused", "429: ratelimited", retry_after=seconds)

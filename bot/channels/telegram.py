@@ -10,16 +10,14 @@ import hmac
 from typing import Any
 
 import aiohttp
-import orjson
 
-from bot.channels.sending import Sent, classify
+from bot.channels.sending import JSON_HEADERS, Sent, call, classify, json_object
 from bot.channels.wire import Inbound, Outbound
 from bot.errors import Unauthorized
 from bot.settings import Settings
 
 CHANNEL = "telegram"
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
-SEND_TIMEOUT = 10.0
 
 
 def verify(settings: Settings, presented: str | None) -> None:
@@ -62,26 +60,12 @@ class TelegramSender:
 
     async def send(self, out: Outbound) -> Sent:
         body = {"chat_id": out.conversation, "text": out.text}
-        try:
-            async with self.http.post(
-                self._url,
-                data=orjson.dumps(body),
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT),
-            ) as resp:
-                status = resp.status
-                raw = await resp.read()
-        except TimeoutError:
-            return Sent("transient", "timeout")
-        except aiohttp.ClientError as exc:
-            return Sent("transient", type(exc).__name__)
-        if 200 <= status < 300:
+        answer = await call(self.http, "POST", self._url, body, JSON_HEADERS)
+        if isinstance(answer, Sent):
+            return answer
+        if 200 <= answer.status < 300:
             return Sent("ok")
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = {}
-        data = data if isinstance(data, dict) else {}
+        status, data = answer.status, json_object(answer.raw)
         description = str(data.get("description", ""))[:200]
         if status == 429:
             params = data.get("parameters")
