@@ -85,27 +85,27 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-# Ports for the stacks this code starts come from below the kernel's ephemeral range: a port
-# from that range (`bind(0)`) may be taken by any outgoing connection of any process between
-# the moment it is chosen and the moment the stack binds it, which parallel test workers, each
-# connecting to Redis and RabbitMQ all the time, made happen.
-_PORTS_FROM = 10000
+# Single free ports come from below the kernel's ephemeral range and below the stacks' port
+# blocks: a port from the ephemeral range (`bind(0)`) may be taken by any outgoing connection
+# between the moment it is chosen and the moment it is bound (parallel test workers, connecting
+# to Redis and RabbitMQ all the time, made that happen), and one inside another stack's block
+# may be that stack's before it binds it.
+_PORTS_FROM, _BLOCKS_FROM = 10000, 20000
 
 
 def free_port() -> int:
-    """A free port below the ephemeral range (nothing listens there, nothing connects from it)."""
-    top = _ephemeral_low()
+    """A free port below the stacks' blocks and the ephemeral range."""
     for _ in range(500):
-        port = random.randrange(_PORTS_FROM, top)
+        port = random.randrange(_PORTS_FROM, min(_BLOCKS_FROM, _ephemeral_low()))
         if port_free(port):
             return port
     raise RuntimeError("no free port")
 
 
 def free_port_block(size: int = 300) -> int:
-    """A base port whose `size` following ports are all free (below the ephemeral range)."""
+    """A base port whose `size` following ports are all free."""
     for _ in range(200):
-        base = random.randrange(_PORTS_FROM, _ephemeral_low() - size, 10)
+        base = random.randrange(_BLOCKS_FROM, 60000 - size, 10)
         if all(port_free(base + i) for i in range(0, size)):
             return base
     raise RuntimeError("no free port block")

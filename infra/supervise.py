@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,12 +84,16 @@ def stop(paths: Paths) -> int:
     if not running(paths):
         print("stack not running")
         return 0
+    # Its pid before the shutdown: supervisord may remove its pidfile before it exits.
+    pid = paths.pidfile.read_text().strip() if paths.pidfile.exists() else ""
     supervisorctl(paths, "stop", "all")
     supervisorctl(paths, "shutdown")
-    pid = paths.pidfile.read_text().strip() if paths.pidfile.exists() else ""
     deadline = time.monotonic() + 30
     while pid and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
+    if pid and Path(f"/proc/{pid}").exists():
+        print(f"supervisord (pid {pid}) is still stopping after 30 s", file=sys.stderr)
+        return 1
     print("stack stopped")
     return 0
 
