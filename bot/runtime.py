@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,11 +25,13 @@ from bot import metrics
 from bot.autopipe import AutoPipelineRedis
 
 __all__ = [
+    "arm_startup_deadline",
     "cancel_and_wait",
     "http_client",
     "make_redis",
     "metrics_server",
     "redis_client",
+    "startup_done",
     "stop_event",
 ]
 
@@ -99,6 +103,29 @@ async def metrics_server(host: str, port: int) -> AsyncIterator[None]:
         yield
     finally:
         await runner.cleanup()
+
+
+# A process that is not serving this long after it began starting is stuck, not slow: start-up
+# waits for nothing remote (Redis and RabbitMQ connect in the background).
+STARTUP_DEADLINE = 45.0
+
+
+def arm_startup_deadline(seconds: float | None = None) -> None:
+    """Exit the process, with every thread's stack on stderr, unless `startup_done` comes
+    within `seconds`.
+
+    The watchdog is faulthandler's own thread, so it fires even when the event loop is blocked
+    inside C code; the supervisor (supervisord, Kubernetes) then starts the process afresh, and
+    the log says where it hung. A process stuck before it serves would otherwise sit there
+    forever, alive to its supervisor and never ready.
+    """
+    seconds = STARTUP_DEADLINE if seconds is None else seconds
+    faulthandler.dump_traceback_later(seconds, exit=True, file=sys.stderr)
+
+
+def startup_done() -> None:
+    """Disarm `arm_startup_deadline`: the process serves."""
+    faulthandler.cancel_dump_traceback_later()
 
 
 def stop_event() -> asyncio.Event:

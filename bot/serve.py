@@ -29,6 +29,7 @@ def settle_heap() -> None:
 
 
 async def _serve(settings: Settings, host: str, port: int, metrics_port: int) -> None:
+    runtime.arm_startup_deadline()
     app = create_app(settings)
     # shutdown_timeout: how long in-flight requests may take to finish after SIGTERM.
     # Header limits above NGINX's (large_client_header_buffers 4 8k): whatever NGINX lets
@@ -46,6 +47,7 @@ async def _serve(settings: Settings, host: str, port: int, metrics_port: int) ->
         await web.TCPSite(runner, host, port, backlog=1024, reuse_address=True).start()
         settle_heap()
         log.info("replica_started", port=port, metrics_port=metrics_port)
+        runtime.startup_done()
         await runtime.stop_event().wait()
         # Drain: not ready any more, stop accepting, let in-flight requests finish, close
         # clients.

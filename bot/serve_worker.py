@@ -29,6 +29,7 @@ log = get_logger(__name__)
 
 
 async def _run(settings: Settings, host: str, metrics_port: int) -> None:
+    runtime.arm_startup_deadline()
     metrics.init()
     async with (
         runtime.redis_client(settings.redis_url) as redis,
@@ -63,6 +64,7 @@ async def _run(settings: Settings, host: str, metrics_port: int) -> None:
         if channels is not None:
             draining.append(asyncio.create_task(_heartbeat_and(store, channels.run(stop))))
         log.info("worker_started", metrics_port=metrics_port, prefix=settings.queue_prefix)
+        runtime.startup_done()
         try:
             await worker.run(stop)
         finally:
