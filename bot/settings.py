@@ -194,7 +194,8 @@ class Settings:
     telegram_webhook_secret: str = ""
     telegram_api_url: str = "https://api.telegram.org"
     telegram_chat_rate: Rate = Rate(1, 1.0)  # sends per chat
-    telegram_rate: Rate = Rate(30, 1.0)  # sends overall, per delivering process
+    telegram_group_rate: Rate = Rate(20, 60.0)  # sends per group chat (negative chat id)
+    telegram_rate: Rate = Rate(30, 1.0)  # sends overall, shared by every delivering process
     # Slack: enabled when the signing secret and the bot token are set.
     slack_signing_secret: str = ""
     slack_bot_token: str = ""
@@ -508,6 +509,7 @@ _ENV: dict[str, tuple[str, _Parser]] = {
     "TELEGRAM_WEBHOOK_SECRET": ("telegram_webhook_secret", _telegram_secret),
     "TELEGRAM_API_URL": ("telegram_api_url", _url("http", "https")),
     "BOT_TELEGRAM_CHAT_RATE": ("telegram_chat_rate", parse_rate),
+    "BOT_TELEGRAM_GROUP_RATE": ("telegram_group_rate", parse_rate),
     "BOT_TELEGRAM_RATE": ("telegram_rate", parse_rate),
     "SLACK_SIGNING_SECRET": ("slack_signing_secret", _text),
     "SLACK_BOT_TOKEN": ("slack_bot_token", _text),

@@ -2,8 +2,10 @@
 after the platform's 2xx.
 
 Each conversation is a lane (`Lanes`): its messages go one at a time, at most one per
-`chat_interval`, and all of a channel's sends at most one per `interval` (per process). A 429
-pauses that lane for exactly the platform's retry-after while every other lane keeps flowing;
+`chat_interval` (`group_interval` for a Telegram group), and all of a channel's sends at most
+one per `interval`, across every delivering process (`SharedPace`). A 429 pauses that lane for
+exactly the platform's retry-after (noted in Redis for `bot channels status`) while every
+other lane keeps flowing;
 5xx, timeouts and connection errors are retried in the lane with backoff and full jitter, up
 to `BOT_RETRY_MAX_ATTEMPTS`; a permanent error (403 blocked, 400 chat not found) goes to
 `<prefix>.chan.dead` at once with its reason. A record per message sent (`chan:sent:`, a day)
@@ -14,8 +16,9 @@ platform's 2xx and that record repeats at most that one message.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import Redis
@@ -24,6 +27,7 @@ from redis.exceptions import RedisError
 from bot import metrics
 from bot.channels import topology
 from bot.channels.consumer import ShardConsumer, ack
+from bot.channels.pace import SharedPace
 from bot.channels.sending import Sender, Sent
 from bot.channels.wire import SHARDS, Outbound, decode_outbound
 from bot.logging import get_logger
@@ -38,14 +42,28 @@ _HOLD = 1.0  # seconds a lane waits after a Redis or broker error before trying 
 
 @dataclass(frozen=True, slots=True)
 class Pacing:
-    """Seconds between two sends to one conversation, and between any two of the channel."""
+    """Seconds between two sends to one conversation, and between any two of the channel's
+    (whichever process sends them: `identity`, the bot's token, names the shared schedule).
+    A group conversation (a negative Telegram chat id) waits at least `group_interval`."""
 
     chat_interval: float
     interval: float
+    group_interval: float = 0.0
+    identity: str = field(default="", repr=False)
+
+    def lane_interval(self, conversation: str) -> float:
+        if self.group_interval and conversation.startswith("-"):
+            return max(self.chat_interval, self.group_interval)
+        return self.chat_interval
 
 
 def sent_key(out: Outbound) -> str:
     return f"chan:sent:{out.channel}:{out.id}"
+
+
+def paused_key(prefix: str, channel: str) -> str:
+    """Conversations paused by a 429: a sorted set, scored by the epoch the pause ends."""
+    return f"chan:paused:{prefix}:{channel}"
 
 
 class Delivery:
@@ -70,7 +88,7 @@ class Delivery:
         self.consumer = ShardConsumer(broker, queues, drain_timeout)
         self._last: dict[str, float] = {}  # lane -> monotonic time of its last send
         self._paused: dict[str, float] = {}  # lane -> monotonic time its 429 pause ends
-        self._next: dict[str, float] = {}  # channel -> earliest monotonic time of its next send
+        self.pace = SharedPace(redis, {c: p.identity for c, (_, p) in senders.items()})
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.consumer.run(stop, self._route)
@@ -117,6 +135,7 @@ class Delivery:
                 metrics.OUTBOUND_SENDS.labels(out.channel, "rate_limited").inc()
                 self._paused[out.lane] = time.monotonic() + result.retry_after
                 log.info("outbound_paused", channel=out.channel, seconds=result.retry_after)
+                await self._note_pause(out, result.retry_after)
                 continue
             if result.kind == "transient":
                 metrics.OUTBOUND_SENDS.labels(out.channel, "error").inc()
@@ -135,16 +154,26 @@ class Delivery:
     async def _pace(self, out: Outbound, pacing: Pacing) -> None:
         """Wait for the lane's turn (its pause, its per-chat interval), then the channel's."""
         paused_until = self._paused.get(out.lane, 0.0)
-        ready = max(self._last.get(out.lane, 0.0) + pacing.chat_interval, paused_until)
+        last = self._last.get(out.lane, 0.0)
+        ready = max(last + pacing.lane_interval(out.conversation), paused_until)
         wait = ready - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
         self._paused.pop(out.lane, None)
-        now = time.monotonic()
-        slot = max(now, self._next.get(out.channel, 0.0))
-        self._next[out.channel] = slot + pacing.interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        await self.pace.wait(out.channel, pacing.interval)
+
+    async def _note_pause(self, out: Outbound, seconds: float) -> None:
+        """Best effort: `bot channels status` lists the conversations paused right now."""
+        key, now = paused_key(self.prefix, out.channel), time.time()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(key, "-inf", now)
+                pipe.zadd(key, {out.conversation: now + seconds})
+                pipe.expire(key, math.ceil(seconds) + 1, nx=True)
+                pipe.expire(key, math.ceil(seconds) + 1, gt=True)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("outbound_pause_note_failed", error=type(exc).__name__)
 
     async def _mark_sent(self, out: Outbound) -> None:
         try:

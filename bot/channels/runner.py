@@ -33,8 +33,8 @@ log = get_logger(__name__)
 # Messages a channel consumer holds at once: a conversation paused by a 429 keeps its
 # messages here, and the other conversations of the shard still flow past them.
 PREFETCH = 512
-# Seconds between any two sends of Slack's or Discord's (a ceiling of 50/s per process,
-# below their global limits; their per-conversation limits are what bind).
+# Seconds between any two sends of Slack's or Discord's (a ceiling of 50/s for the bot, below
+# their global limits; their per-conversation limits are what bind).
 _SPREAD = 0.02
 
 
@@ -43,16 +43,24 @@ def senders(settings: Settings, http: aiohttp.ClientSession) -> dict[str, tuple[
     out: dict[str, tuple[Sender, Pacing]] = {}
     if settings.telegram_enabled:
         sender = TelegramSender(http, settings.telegram_api_url, settings.telegram_bot_token)
-        pacing = Pacing(settings.telegram_chat_rate.interval, settings.telegram_rate.interval)
+        pacing = Pacing(
+            settings.telegram_chat_rate.interval,
+            settings.telegram_rate.interval,
+            settings.telegram_group_rate.interval,
+            settings.telegram_bot_token,
+        )
         out[TELEGRAM] = (sender, pacing)
     if settings.slack_enabled:
         slack_sender = SlackSender(http, settings.slack_api_url, settings.slack_bot_token)
-        out[SLACK] = (slack_sender, Pacing(settings.slack_channel_rate.interval, _SPREAD))
+        slack_pacing = Pacing(
+            settings.slack_channel_rate.interval, _SPREAD, identity=settings.slack_bot_token
+        )
+        out[SLACK] = (slack_sender, slack_pacing)
     if settings.discord_enabled:
         app_id = settings.discord_application_id
         discord_sender = DiscordSender(http, settings.discord_api_url, app_id)
         # An interaction's answer is an edit of its own response: no per-channel pace.
-        out[DISCORD] = (discord_sender, Pacing(0.0, _SPREAD))
+        out[DISCORD] = (discord_sender, Pacing(0.0, _SPREAD, identity=app_id))
     return out
 
 
