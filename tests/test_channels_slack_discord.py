@@ -79,6 +79,19 @@ async def slack_post(
     return await client.post(path, data=body, headers={**headers, "Content-Type": kind})
 
 
+def slash_form(upstream: Upstream, hook: str, text: str) -> dict[str, str]:
+    """A slash command's form as Slack posts it, answered on the stub's response_url."""
+    return {
+        "team_id": "T0TEAM",
+        "user_id": "U0USER",
+        "channel_id": "C0CHAN",
+        "command": "/bot",
+        "text": text,
+        "trigger_id": "trig." + hook,
+        "response_url": f"{upstream.url}/slack/hooks/{hook}",
+    }
+
+
 def discord_headers(body: bytes, key: SigningKey = DISCORD_KEY) -> dict[str, str]:
     stamp = str(int(time.time()))
     signature = key.sign(stamp.encode() + body).signature.hex()
@@ -164,15 +177,7 @@ async def test_slack_slash_command_answered_on_its_response_url(
     client: AppClient, upstream: Upstream
 ) -> None:
     hook = uuid.uuid4().hex
-    form = {
-        "team_id": "T0TEAM",
-        "user_id": "U0USER",
-        "channel_id": "C0CHAN",
-        "command": "/bot",
-        "text": "/echo slash",
-        "trigger_id": "trig." + hook,
-        "response_url": f"{upstream.url}/slack/hooks/{hook}",
-    }
+    form = slash_form(upstream, hook, "/echo slash")
     body = urlencode(form).encode()
     async with channel_worker(client.app[SETTINGS]):
         resp = await slack_post(
@@ -262,3 +267,65 @@ async def test_cli_sets_the_webhook_and_registers_commands(upstream: Upstream) -
     [registered] = await sent(upstream, f"commands:{APP_ID}", "discord")
     assert registered["auth"] == "Bot bot-token"
     assert [c["name"] for c in orjson.loads(registered["text"])] == ["ask"]
+
+
+def slack_channel() -> str:
+    return "C" + uuid.uuid4().hex[:8].upper()
+
+
+async def test_slack_429_pauses_only_its_channel_and_status_lists_it(
+    client: AppClient, upstream: Upstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paused, flowing = slack_channel(), slack_channel()
+    await _stub_post(
+        upstream,
+        "/admin/slack/script",
+        {"conversation": paused, "responses": [{"status": 429, "retry_after": 2}]},
+    )
+    path = "/channels/slack/events"
+    settings = client.app[SETTINGS]
+    async with channel_worker(settings):
+        body = event("Ev" + uuid.uuid4().hex[:10], paused, "/echo held")
+        assert (await slack_post(client, path, body, slack_headers(body))).status == 200
+        await wait_sent(upstream, paused, 1, status=429, platform="slack")
+        # While it waits, the operator sees it (and the other channel is not paused).
+        assert await asyncio.to_thread(admin.status, settings) == 0
+        out = capsys.readouterr().out
+        assert f"slack:{paused} for " in out and "paused slack: 1" in out
+        for i in range(10):
+            body = event("Ev" + uuid.uuid4().hex[:10], flowing, f"/echo m{i}")
+            assert (await slack_post(client, path, body, slack_headers(body))).status == 200
+        flowing_sent = await wait_sent(upstream, flowing, 10, platform="slack")
+        paused_sent = await wait_sent(upstream, paused, 2, status=None, platform="slack")
+    assert [s["text"] for s in flowing_sent] == [f"m{i}" for i in range(10)]
+    first, second = paused_sent
+    assert (first["status"], second["status"], second["text"]) == (429, 200, "held")
+    # Paused for exactly Slack's Retry-After, and the other channel was not held by it.
+    assert 2.0 <= second["at"] - first["at"] < 3.5
+    assert flowing_sent[-1]["at"] < second["at"]
+    assert await asyncio.to_thread(admin.status, settings) == 0
+    assert "paused slack: 0" in capsys.readouterr().out  # the pause is over
+
+
+async def test_slack_and_discord_acked_within_3s_while_the_upstream_hangs(
+    client: AppClient, upstream: Upstream
+) -> None:
+    upstream.faults(latency_ms=30_000)
+    body = event("Ev" + uuid.uuid4().hex[:10], slack_channel(), "what is a pulsar?")
+    started = time.monotonic()
+    resp = await slack_post(client, "/channels/slack/events", body, slack_headers(body))
+    assert resp.status == 200 and time.monotonic() - started < 3.0
+    form = slash_form(upstream, uuid.uuid4().hex, "what is a quasar?")
+    body = urlencode(form).encode()
+    started = time.monotonic()
+    resp = await slack_post(
+        client, "/channels/slack/commands", body, slack_headers(body), form=True
+    )
+    assert resp.status == 200 and time.monotonic() - started < 3.0
+    body = interaction(snowflake(), "tok-" + uuid.uuid4().hex, "what is a magnetar?")
+    started = time.monotonic()
+    resp = await client.post(
+        "/channels/discord/interactions", data=body, headers=discord_headers(body)
+    )
+    assert resp.status == 200 and await resp.json() == {"type": 5}
+    assert time.monotonic() - started < 3.0

@@ -1,25 +1,30 @@
 """`bot channels ...`: what an operator does with the chat channels.
 
-    bot channels status                                   enabled channels, queue depths
+    bot channels status                 enabled channels, queue depths, paused conversations
     bot channels telegram set-webhook --url URL [--drop-pending]
     bot channels discord register-commands
 
 `set-webhook` is idempotent: it sends the same `setWebhook` (URL, `secret_token` from
 `TELEGRAM_WEBHOOK_SECRET`, the update types the bot reads, `max_connections`) however often it
-runs. Paused conversations live in the delivering process: `status` names the metric.
+runs. Paused conversations are those a platform's 429 holds right now, as every delivering
+process notes them in Redis (`chan:paused:<prefix>:<channel>`), each with its seconds left.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from typing import Any
 
 import aio_pika
 import aiohttp
 import orjson
+from redis.exceptions import RedisError
 
+from bot import runtime
 from bot.channels import topology
+from bot.channels.delivery import paused_key
 from bot.channels.discord import COMMANDS
 from bot.metrics import CHANNELS
 from bot.settings import Settings
@@ -45,18 +50,40 @@ async def _depths(settings: Settings) -> dict[str, int | None]:
     return depths
 
 
+async def _paused(settings: Settings) -> dict[str, list[tuple[str, float]]]:
+    """Per enabled channel, its conversations paused by a 429 and the seconds each has left."""
+    paused: dict[str, list[tuple[str, float]]] = {}
+    async with runtime.redis_client(settings.redis_url, socket_timeout=5.0) as redis:
+        now = time.time()
+        for channel in settings.channels:
+            key = paused_key(settings.queue_prefix, channel)
+            held = await redis.zrangebyscore(key, now, "+inf", withscores=True)
+            paused[channel] = [(str(c), end - now) for c, end in held]
+    return paused
+
+
 def status(settings: Settings) -> int:
     enabled = settings.channels
     print("enabled: " + (", ".join(enabled) if enabled else "none (set a channel's secrets)"))
+    code = 0
     try:
         depths = asyncio.run(_depths(settings))
     except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
         print(f"rabbitmq: unreachable ({type(exc).__name__})")
+        code = 1
+    else:
+        for name, n in depths.items():
+            print(f"{name:<48} {'-' if n is None else n}")
+    try:
+        paused = asyncio.run(_paused(settings))
+    except (OSError, RedisError) as exc:
+        print(f"redis: unreachable ({type(exc).__name__}); paused conversations unknown")
         return 1
-    for name, n in depths.items():
-        print(f"{name:<48} {'-' if n is None else n}")
-    print("paused conversations: bot_outbound_paused_conversations{channel} on the worker")
-    return 0
+    for channel, held in paused.items():
+        print(f"paused {channel}: {len(held)}")
+        for conversation, left in held:
+            print(f"  {channel}:{conversation} for {left:.1f} s more")
+    return code
 
 
 async def _call(method: str, url: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
@@ -127,7 +154,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], func: o
     """Register `bot channels ...` on the CLI; `func(args)` runs it."""
     channels = sub.add_parser("channels", help="chat channels: status, webhooks, commands")
     actions = channels.add_subparsers(dest="action", required=True)
-    actions.add_parser("status", help="enabled channels and their queue depths")
+    actions.add_parser("status", help="enabled channels, queue depths, paused conversations")
     tg = actions.add_parser("telegram", help="Telegram's webhook")
     tg_actions = tg.add_subparsers(dest="telegram_action", required=True)
     hook = tg_actions.add_parser("set-webhook", help="point Telegram at this stack (idempotent)")
