@@ -42,21 +42,24 @@ DISCORD_KEY = SigningKey.generate()
 APP_ID = "123456789012345678"
 
 
-def slack_env(upstream: Upstream) -> dict[str, str]:
+def slack_env(stub_url: str) -> dict[str, str]:
+    """Slack and Discord enabled, their APIs played by the stub at `stub_url`."""
     return {
         "SLACK_SIGNING_SECRET": SLACK_SECRET,
         "SLACK_BOT_TOKEN": "xoxb-test-token",
-        "SLACK_API_URL": upstream.url + "/slack/api",
+        "SLACK_API_URL": stub_url + "/slack/api",
         "BOT_SLACK_CHANNEL_RATE": "50/second",
         "DISCORD_PUBLIC_KEY": DISCORD_KEY.verify_key.encode(HexEncoder).decode(),
         "DISCORD_APPLICATION_ID": APP_ID,
-        "DISCORD_API_URL": upstream.url + "/discord/api",
+        "DISCORD_API_URL": stub_url + "/discord/api",
     }
 
 
 @pytest.fixture
 async def client(make_app_client: MakeClient, upstream: Upstream) -> AppClient:
-    return await connected(await make_app_client(**channel_env(upstream), **slack_env(upstream)))
+    return await connected(
+        await make_app_client(**channel_env(upstream), **slack_env(upstream.url))
+    )
 
 
 def slack_headers(body: bytes, secret: str = SLACK_SECRET, skew: float = 0) -> dict[str, str]:
@@ -251,7 +254,7 @@ async def test_discord_429_pauses_then_edits(client: AppClient, upstream: Upstre
 
 
 async def test_cli_sets_the_webhook_and_registers_commands(upstream: Upstream) -> None:
-    env = {**channel_env(upstream), **slack_env(upstream)}
+    env = {**channel_env(upstream), **slack_env(upstream.url)}
     settings = load_settings(env, dotenv=Path("/dev/null"))
     url = "https://bot.example.test/channels/telegram"
     for _ in range(2):  # idempotent: the same call each time
