@@ -14,7 +14,17 @@ from urllib.parse import urlparse
 
 from bot.settings import Settings, load_settings, merged_environ
 
-SCENARIOS = ("steady", "spike", "ramp", "abuse", "outage", "soak", "hostile", "webchat")
+SCENARIOS = (
+    "steady",
+    "spike",
+    "ramp",
+    "abuse",
+    "outage",
+    "soak",
+    "hostile",
+    "webchat",
+    "channels",
+)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # The hostile scenario's clients (loadtests/hostile.py), each from its own address.
 HOSTILE_KINDS = (
@@ -53,6 +63,7 @@ class Objectives:
     max_recovery_s: float = 10.0  # spike: seconds after the overload until back in objective
     recovery_p99_ms: float = 1500.0  # spike: "back" means within the steady scenario's p99
     min_streams_share: float = 0.0  # webchat: share of the idle streams held to the end
+    ordered_once: bool = False  # channels: every acked message answered once, in chat order
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,9 @@ class LoadConfig:
     webchat_streams: int  # webchat: idle event streams held beside the steady load
     webchat_open: float  # webchat: seconds over which they open (before the judged phase)
     hostile_rate: float  # hostile: requests/s of each paced hostile client
+    channels_chats: int  # channels: chats writing at once (the spike)
+    channels_messages: int  # channels: messages each chat sends, one after the other
+    discord_signing_key: str  # channels: hex seed of the key DISCORD_PUBLIC_KEY verifies
     hostile_duplicates: int  # hostile: concurrent copies of one message_id in a flood
     hostile_slow_bodies: int  # hostile: concurrent clients dribbling their bodies
     hostile_kinds: tuple[str, ...]  # hostile: which kinds of hostile client run (empty: all)
@@ -108,7 +122,7 @@ class LoadConfig:
         out = {
             k: getattr(self, k)
             for k in self.__slots__
-            if k not in ("stack", "api_key", "objectives")
+            if k not in ("stack", "api_key", "objectives", "discord_signing_key")
         }
         out["objectives"] = {k: getattr(self.objectives, k) for k in self.objectives.__slots__}
         return out
@@ -136,6 +150,14 @@ _SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
     "hostile": {"duration": 60.0, "objectives": {"p99_ms": 1500.0, "min_success_share": 0.999}},
     # Judged on the steady objective too: idle web chat streams must not cost messages anything.
     "webchat": {"duration": 60.0, "objectives": {"p99_ms": 1500.0, "min_streams_share": 0.99}},
+    # Every chat at once, each message as soon as the one before was acked: Telegram's 1 s
+    # ack is the objective; then every answer once, in order, from the stub's record.
+    "channels": {
+        "duration": 30.0,
+        "user_interval": 0.05,
+        "delivery_timeout": 120.0,
+        "objectives": {"p99_ms": 1000.0, "ordered_once": True},
+    },
 }
 STEADY_P99_MS: float = _SCENARIO_DEFAULTS["steady"]["objectives"]["p99_ms"]
 
@@ -168,6 +190,12 @@ def _hostile_kinds(raw: str) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown {', '.join(unknown)}; of {', '.join(HOSTILE_KINDS)}")
     return names
+
+
+def _hex_seed(raw: str) -> str:
+    if len(raw) != 64 or not all(c in "0123456789abcdefABCDEF" for c in raw):
+        raise ValueError("expected the 32-byte Ed25519 seed as 64 hex digits")
+    return raw
 
 
 def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> LoadConfig:
@@ -226,6 +254,9 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
         webchat_streams=get("LOAD_WEBCHAT_STREAMS", int, 2000),
         webchat_open=get("LOAD_WEBCHAT_OPEN", float, 20.0),
         hostile_rate=get("LOAD_HOSTILE_RATE", float, 20.0),
+        channels_chats=get("LOAD_CHANNELS_CHATS", int, 200),
+        channels_messages=get("LOAD_CHANNELS_MESSAGES", int, 5),
+        discord_signing_key=get("LOAD_DISCORD_SIGNING_KEY", _hex_seed, ""),
         hostile_duplicates=get("LOAD_HOSTILE_DUPLICATES", int, 50),
         hostile_slow_bodies=get("LOAD_HOSTILE_SLOW_BODIES", int, 20),
         hostile_kinds=get("LOAD_HOSTILE_KINDS", _hostile_kinds, ()),
@@ -237,7 +268,9 @@ def load_config(scenario: str, environ: Mapping[str, str] | None = None) -> Load
         abuser_rate=get("LOAD_ABUSER_RATE", float, 10.0),
         outage_start=get("LOAD_OUTAGE_START", float, 20.0),
         outage_length=get("LOAD_OUTAGE_LENGTH", float, 20.0),
-        delivery_timeout=get("LOAD_DELIVERY_TIMEOUT", float, 120.0),
+        delivery_timeout=get(
+            "LOAD_DELIVERY_TIMEOUT", float, defaults.get("delivery_timeout", 120.0)
+        ),
         mem_interval=get("LOAD_MEM_INTERVAL", float, 5.0),
         questions=get("LOAD_QUESTIONS", int, 200),
         zipf_s=get("LOAD_ZIPF_S", float, 1.1),

@@ -29,7 +29,7 @@ from locust.contrib.fasthttp import FastHttpUser, ResponseContextManager
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
-from loadtests import slo
+from loadtests import channels, slo
 from loadtests.config import LoadConfig, load_config
 from loadtests.hostile import HostileClients
 from loadtests.shapes import plan_for
@@ -290,6 +290,80 @@ class SurgeUser(ChatUser):
     tasks = [_task]
 
 
+class ChannelChat(FastHttpUser):
+    """One chat of one platform (`loadtests.channels`): its messages one after the other,
+    each once the one before was acked; a refused one resent as the platform would."""
+
+    network_timeout = CONFIG.timeout
+    connection_timeout = min(10.0, CONFIG.timeout)
+    platforms: tuple[str, ...] = ()
+    signer: channels.Signer | None = None
+    tag = channels.run_tag(os.environ.get("LOAD_RUN_DIR", ""))
+    chats = itertools.count()
+
+    def on_start(self) -> None:
+        cls = type(self)
+        if cls.signer is None:
+            cls.platforms = channels.platforms(CONFIG)
+            cls.signer = channels.Signer(CONFIG)
+            TALLY.notes[channels.PLATFORMS_NOTE] = list(cls.platforms)
+        self.platform = cls.platforms[next(cls.chats) % len(cls.platforms)]
+        self.chat = cls.signer.chat(self.platform)
+        self.seq = 0
+
+    def wait_time(self) -> float:
+        return CONFIG.user_interval if self.seq < CONFIG.channels_messages else 1.0
+
+    def _task(self) -> None:
+        if self.seq >= CONFIG.channels_messages or self.signer is None:
+            return
+        text = channels.message_text(self.tag, self.platform, self.chat, self.seq)
+        hook = self.signer.webhook(self.platform, self.chat, text)
+        deadline = time.monotonic() + 60
+        while (outcome := self._post(self.signer.signed(self.platform, hook))) == "again":
+            if time.monotonic() > deadline:
+                break
+            TALLY.count(_STATE["phase"], channels.RESENT)
+            time.sleep(0.2)  # gevent's, under locust
+        if outcome == "acked":
+            TALLY.count(_STATE["phase"], channels.ACKED)
+            TALLY.queue(channels.chat_key(self.platform, self.chat), str(self.seq))
+        self.seq += 1
+
+    def _post(self, hook: channels.Webhook) -> str:
+        """acked (200), again (503, 5xx, no answer: the platform resends) or refused (4xx)."""
+        phase = _STATE["phase"]
+        with self.client.post(
+            hook.path,
+            data=hook.body.decode(),  # orjson wrote UTF-8: the same bytes go out
+            headers=hook.headers,
+            name=f"{hook.path} [{self.platform}]",
+            catch_response=True,
+        ) as resp:
+            status = resp.status_code
+            TALLY.count(phase, slo.REQUESTS)
+            if not isinstance(_json(resp), dict):
+                TALLY.count(phase, slo.NO_JSON)
+                TALLY.example(f"{phase}: {self.platform}: no JSON answer: status {status}")
+                resp.failure(f"no JSON answer (status {status})")
+                return "again"
+            TALLY.count(phase, slo.ANSWERED)
+            TALLY.count(phase, f"status:{status}")
+            TALLY.observe(phase, resp.request_meta["response_time"])
+            if status == 200:
+                resp.success()
+                return "acked"
+            resp.failure(f"{status}")
+            TALLY.example(f"{phase}: {self.platform}: {status}")
+            if status == 503:
+                TALLY.count(phase, slo.SHED)
+                return "again"
+            TALLY.count(phase, slo.OTHER_5XX if status >= 500 else slo.BAD_4XX)
+            return "again" if status >= 500 else "refused"
+
+    tasks = [_task]
+
+
 def _retry_after(resp: ResponseContextManager) -> float:
     try:
         return max(1.0, float(_header(resp, "Retry-After") or 0))
@@ -318,7 +392,11 @@ class ScenarioShape(LoadTestShape):
     def __init__(self) -> None:
         super().__init__()
         self.plan = plan_for(CONFIG)
-        self.user_class: type[_BotUser] = RampUser if CONFIG.scenario == "ramp" else ChatUser
+        self.user_class: type[User] = ChatUser
+        if CONFIG.scenario == "ramp":
+            self.user_class = RampUser
+        elif CONFIG.scenario == "channels":
+            self.user_class = ChannelChat
         self.hostile: HostileClients | None = None
         self.streams: IdleStreams | None = None
 

@@ -24,7 +24,7 @@ import orjson
 import requests
 
 from bot.settings import SettingsError
-from loadtests import observe, slo
+from loadtests import channels, observe, slo
 from loadtests.config import SCENARIOS, ConfigError, LoadConfig, load_config
 from loadtests.shapes import plan_for
 from loadtests.tally import Tally
@@ -115,6 +115,7 @@ def report(cfg: LoadConfig, run_dir: Path, raw: dict[str, Any]) -> int:
         "prometheus": raw.get("findings", {}).get("prometheus"),
         "inbox": raw.get("findings", {}).get("inbox"),
         "probe": raw.get("findings", {}).get("probe"),
+        "channels": raw.get("findings", {}).get("channels"),
         "examples": raw["tally"].get("examples", []),
         "config": cfg.public(),
         "report_dir": str(run_dir),
@@ -187,6 +188,16 @@ def render(summary: dict[str, Any]) -> str:
             f"  well-behaved during {d['success_share']:.2%} 200/202, p99 {d['p99_ms']:.0f} ms; "
             f"after {a['success_share']:.2%}, p99 {a['p99_ms']:.0f} ms"
         )
+    if "channels" in f:
+        c = f["channels"]
+        lines.append(
+            f"  channels {', '.join(c['platforms'])}: {c['acked']} webhooks acked "
+            f"(p50 {c['ack_p50_ms']:.0f} ms, p99 {c['ack_p99_ms']:.0f} ms, {c['resent']} resent); "
+            f"{c['delivered']}/{c['expected']} answered in {c['chats']} chats, "
+            f"{c['missing']} missing, {c['duplicates']} duplicates, "
+            f"{c['out_of_order_chats']} chats out of order, all sent "
+            f"{c['all_sent_after_s']} s after the start"
+        )
     for name, m in (f.get("memory") or {}).items() if summary["scenario"] == "soak" else ():
         lines.append(
             f"  memory {name:<20} {m['start_mb']:>7.1f} -> {m['end_mb']:>7.1f} MB "
@@ -225,6 +236,8 @@ def run(cfg: LoadConfig) -> int:
     )
     if cfg.scenario == "spike" and cfg.spike_overload:
         _warn_edge_guard(cfg)
+    if cfg.scenario == "channels":
+        print(f"  chats on {', '.join(channels.platforms(cfg))}", flush=True)
     sampler = observe.MemorySampler(cfg)
     sampler.start()
     started = time.time()
@@ -242,6 +255,10 @@ def run(cfg: LoadConfig) -> int:
     findings: dict[str, Any] = {}
     if cfg.objectives.exactly_once:
         findings["inbox"] = observe.check_inboxes(cfg, Tally.from_json(tally_json).queued)
+    if cfg.scenario == "channels":
+        expected = Tally.from_json(tally_json).queued
+        tag = channels.run_tag(str(run_dir))
+        findings["channels"] = channels.check_sends(cfg, expected, tag, started)
     if cfg.scenario == "hostile":
         addresses = Tally.from_json(tally_json).notes.get("hostile_addresses") or []
         findings["probe"] = observe.probe(cfg, addresses)

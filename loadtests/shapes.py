@@ -180,6 +180,17 @@ class Webchat(Plan):
         return self.opening + self.cfg.duration
 
 
+class Channels(Plan):
+    """`channels_chats` chats arriving within two seconds (the spike), each sending its
+    messages; `duration` bounds the phase (the verdict waits for the answers after it)."""
+
+    def at(self, t: float) -> Step | None:
+        c = self.cfg
+        if t >= c.duration:
+            return None
+        return Step(c.channels_chats, max(1.0, c.channels_chats / 2), "spike")
+
+
 PLANS: dict[str, type[Plan]] = {
     "steady": Steady,
     "soak": Steady,
@@ -189,6 +200,7 @@ PLANS: dict[str, type[Plan]] = {
     "outage": Outage,
     "hostile": Hostile,
     "webchat": Webchat,
+    "channels": Channels,
 }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtests import hostile, webchat
+from loadtests import channels, hostile, webchat
 from loadtests.config import Objectives
 from loadtests.shapes import AFTER, ATTACK, OVERLOAD, RECOVERY, STREAMS_OPEN
 from loadtests.tally import Tally, percentile
@@ -267,6 +267,8 @@ def evaluate(
         _overload_checks(tally, obj, check)
     if scenario == "webchat":
         _webchat_checks(tally, obj, check)
+    if obj.ordered_once:
+        _channel_checks(findings.get("channels") or {}, check)
     if scenario == "abuse":
         n = tally.total(LIMITED_ABUSE)
         check("abusers_limited", "the spammers are rate limited", n, n >= obj.min_abuse_limited)
@@ -333,6 +335,8 @@ def evaluate(
         figures["overload"] = overload_figures(tally, obj)
     if scenario == "webchat":
         figures["webchat"] = webchat_figures(tally)
+    if scenario == "channels":
+        figures["channels"] = channel_figures(tally, findings.get("channels") or {})
     if scenario == "soak" or findings.get("memory"):
         figures["memory"] = memory_growth(findings.get("memory", {}))
     return Verdict(scenario, all(c.passed for c in checks), checks, figures)
@@ -378,6 +382,46 @@ def _hostile_checks(
         probe.get("failures") or f"{probe.get('ok', 0)} probes answered",
         bool(probe) and not probe.get("failures"),
     )
+
+
+def _channel_checks(sends: dict[str, Any], check: Checker) -> None:
+    """From the stub's record: every acked message answered, none twice, each chat in order."""
+    missing, dup = sends.get("missing", 0), sends.get("duplicates", 0)
+    disorder = sends.get("out_of_order_chats", 0)
+    check(
+        "channels_once_in_order",
+        "every acked webhook answered once, each chat's answers in its order",
+        f"{sends.get('delivered', 0)}/{sends.get('expected', 0)} answered, {missing} missing, "
+        f"{dup} duplicates, {disorder} chats out of order",
+        bool(sends.get("expected")) and missing == 0 and dup == 0 and disorder == 0,
+    )
+
+
+def channel_figures(tally: Tally, sends: dict[str, Any]) -> dict[str, Any]:
+    hist = tally.hist()
+    return {
+        "platforms": sends.get("platforms") or tally.notes.get(channels.PLATFORMS_NOTE, []),
+        "acked": tally.total(channels.ACKED),
+        "resent": tally.total(channels.RESENT),
+        "ack_p50_ms": percentile(hist, 0.50),
+        "ack_p99_ms": percentile(hist, 0.99),
+        "ack_max_ms": max(hist, default=0),
+        **{k: sends.get(k, 0) for k in _SEND_FIGURES},
+        "all_sent_after_s": sends.get("all_sent_after_s"),
+        "examples": sends.get("examples", []),
+    }
+
+
+_SEND_FIGURES = (
+    "chats",
+    "expected",
+    "delivered",
+    "missing",
+    "duplicates",
+    "unexpected",
+    "out_of_order_chats",
+    "rate_limited_sends",
+)
 
 
 def _webchat_checks(tally: Tally, obj: Objectives, check: Checker) -> None:

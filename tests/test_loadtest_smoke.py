@@ -1,19 +1,19 @@
-"""The load tests' verdict logic, a 20-second `steady` run against a real stack, and a short
-`hostile` run against a private one."""
+"""The load tests' verdict logic, a 20-second `steady` run against a real stack, and short
+`hostile` and `channels` runs against private ones."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from loadtests import hostile, slo, webchat
+from loadtests import channels, hostile, slo, webchat
 from loadtests.config import HOSTILE_KINDS, ConfigError, Objectives, load_config
 from loadtests.shapes import (
     AFTER,
@@ -26,7 +26,7 @@ from loadtests.shapes import (
     plan_for,
 )
 from loadtests.tally import Tally, percentile
-from tests.support import Stack, run
+from tests.support import Stack, claim_redis_db, release_redis_db, run, stack_dir, stack_env, unique
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -333,3 +333,81 @@ def test_hostile_clients_leave_well_behaved_users_unharmed(
     assert set(figures["by_kind"]) == set(HOSTILE_KINDS)
     assert figures["long_polls_open_peak"] >= stack.settings.edge_conn // 2
     assert figures["well_behaved"]["attack"]["requests"] > 100
+
+
+def test_channels_verdict_counts_missing_duplicated_and_reordered_answers() -> None:
+    expected = {"telegram 1": ["0", "1", "2"], "slack C1": ["0", "1"]}
+    fine = [("telegram 1", 0), ("slack C1", 0), ("telegram 1", 1), ("slack C1", 1)]
+    found = channels.verdict_of(expected, [*fine, ("telegram 1", 2)])
+    assert (found["missing"], found["duplicates"], found["out_of_order_chats"]) == (0, 0, 0)
+    found = channels.verdict_of(expected, [("telegram 1", 1), ("telegram 1", 0), *fine])
+    assert (found["missing"], found["duplicates"], found["out_of_order_chats"]) == (1, 2, 1)
+    obj = Objectives(ordered_once=True)
+    t = _tally({"spike": (10, 50, 0)})
+    assert not slo.evaluate("channels", t, obj, {"channels": found}).passed
+    assert not slo.evaluate("channels", t, obj, {}).passed  # no record read: no pass
+    good = channels.verdict_of(expected, [*fine, ("telegram 1", 2)])
+    verdict = slo.evaluate("channels", t, obj, {"channels": good})
+    assert verdict.passed, verdict.checks
+    assert verdict.figures["channels"]["ack_p99_ms"] == 50
+
+
+@pytest.fixture
+def channel_stack() -> Iterator[tuple[Stack, str]]:
+    """A private stack with the three channels on, the stub playing their APIs; and the seed
+    of the Ed25519 key its DISCORD_PUBLIC_KEY verifies."""
+    from nacl.encoding import HexEncoder
+    from nacl.signing import SigningKey
+
+    key = SigningKey.generate()
+    owner = unique("chanload")
+    db = claim_redis_db(owner)
+    try:
+        with stack_dir() as base:
+            env = stack_env(db, BOT_RATE_LIMIT="100/second", BOT_RATE_BURST="100")
+            stub = f"http://127.0.0.1:{env['BOT_STUB_PORT']}"
+            env.update(
+                TELEGRAM_BOT_TOKEN="123:load",
+                TELEGRAM_WEBHOOK_SECRET="load-secret",
+                TELEGRAM_API_URL=stub,
+                SLACK_SIGNING_SECRET="load-slack-secret",
+                SLACK_BOT_TOKEN="xoxb-load",
+                SLACK_API_URL=stub + "/slack/api",
+                DISCORD_PUBLIC_KEY=key.verify_key.encode(HexEncoder).decode(),
+                DISCORD_APPLICATION_ID="123456789012345678",
+                DISCORD_API_URL=stub + "/discord/api",
+            )
+            stack = Stack(base / "run", env)
+            stack.start()
+            try:
+                yield stack, bytes(key).hex()
+            finally:
+                stack.stop()
+    finally:
+        release_redis_db(db, owner)
+
+
+@pytest.mark.system
+def test_channels_smoke_every_answer_once_and_in_order(
+    channel_stack: tuple[Stack, str], tmp_path: Path
+) -> None:
+    """The short form of `make loadtest SCENARIO=channels`: signed webhooks of 30 chats on the
+    three platforms at once, judged on the stub's record of sends. The ack objective is
+    generous here (the suite runs beside it); the full run judges against 1 s."""
+    stack, seed = channel_stack
+    _, _, summary = _run_scenario(
+        "channels",
+        stack,
+        tmp_path,
+        LOAD_CHANNELS_CHATS="30",
+        LOAD_CHANNELS_MESSAGES="3",
+        LOAD_DURATION="8",
+        LOAD_DELIVERY_TIMEOUT="40",
+        LOAD_DISCORD_SIGNING_KEY=seed,
+        LOAD_P99_MS="5000",
+    )
+    figures = summary["figures"]["channels"]
+    assert sorted(figures["platforms"]) == ["discord", "slack", "telegram"]
+    assert figures["expected"] == 90 and figures["delivered"] == 90, figures
+    assert figures["duplicates"] == 0 and figures["out_of_order_chats"] == 0
+    print("channels smoke:", {k: v for k, v in figures.items() if k != "examples"})
