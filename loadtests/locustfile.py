@@ -350,6 +350,7 @@ class ChannelChat(FastHttpUser):
             TALLY.count(phase, slo.ANSWERED)
             TALLY.count(phase, f"status:{status}")
             TALLY.observe(phase, resp.request_meta["response_time"])
+            TALLY.second(time.time(), status == 200, resp.request_meta["response_time"])
             if status == 200:
                 resp.success()
                 return "acked"

@@ -191,8 +191,9 @@ def render(summary: dict[str, Any]) -> str:
     if "channels" in f:
         c = f["channels"]
         lines.append(
-            f"  channels {', '.join(c['platforms'])}: {c['acked']} webhooks acked "
-            f"(p50 {c['ack_p50_ms']:.0f} ms, p99 {c['ack_p99_ms']:.0f} ms, {c['resent']} resent); "
+            f"  channels {', '.join(c['platforms'])}: {c['acked']} webhooks acked within "
+            f"{c['webhooks_seconds']} s (peak {c['webhooks_peak_per_s']}/s; p50 "
+            f"{c['ack_p50_ms']:.0f} ms, p99 {c['ack_p99_ms']:.0f} ms, {c['resent']} resent); "
             f"{c['delivered']}/{c['expected']} answered in {c['chats']} chats, "
             f"{c['missing']} missing, {c['duplicates']} duplicates, "
             f"{c['out_of_order_chats']} chats out of order, all sent "

@@ -399,7 +399,11 @@ def _channel_checks(sends: dict[str, Any], check: Checker) -> None:
 
 def channel_figures(tally: Tally, sends: dict[str, Any]) -> dict[str, Any]:
     hist = tally.hist()
+    # The spike itself: from the first answered webhook to the last, and its busiest second.
+    busy = {sec: sum(tally.second_figures(sec)[:2]) for sec in tally.timeline}
     return {
+        "webhooks_seconds": max(busy) - min(busy) + 1 if busy else 0,
+        "webhooks_peak_per_s": max(busy.values(), default=0),
         "platforms": sends.get("platforms") or tally.notes.get(channels.PLATFORMS_NOTE, []),
         "acked": tally.total(channels.ACKED),
         "resent": tally.total(channels.RESENT),
