@@ -29,6 +29,7 @@ from bot.settings import load_settings
 from tests.support import AppClient, Upstream
 from tests.test_channels import (
     MakeClient,
+    _dead_reasons,
     _stub_post,
     channel_env,
     channel_worker,
@@ -332,3 +333,57 @@ async def test_slack_and_discord_acked_within_3s_while_the_upstream_hangs(
     )
     assert resp.status == 200 and await resp.json() == {"type": 5}
     assert time.monotonic() - started < 3.0
+
+
+async def test_slack_event_left_claimed_by_a_dead_replica_is_processed_after_its_lease(
+    client: AppClient, upstream: Upstream, redis: Redis
+) -> None:
+    """A replica that died between the claim and the queue leaves a lease, not a final mark:
+    Slack's retry is told to come back (503) while the lease holds, then processed once."""
+    channel, event_id = slack_channel(), "Ev" + uuid.uuid4().hex[:10]
+    await redis.set(dedupe_key("slack", event_id), "token-of-a-dead-replica", px=600)
+    body = event(event_id, channel, "/echo not lost")
+    path = "/channels/slack/events"
+    async with channel_worker(client.app[SETTINGS]):
+        assert (await slack_post(client, path, body, slack_headers(body))).status == 503
+        await asyncio.sleep(0.7)
+        retry = {**slack_headers(body), "X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "x"}
+        assert (await slack_post(client, path, body, retry)).status == 200
+        await wait_sent(upstream, channel, 1, platform="slack")
+        await asyncio.sleep(0.3)
+    assert [s["text"] for s in await sent(upstream, channel, "slack")] == ["not lost"]
+    assert await redis.get(dedupe_key("slack", event_id)) == "done"
+
+
+async def test_slack_and_discord_permanent_errors_dead_lettered_never_retried(
+    client: AppClient, upstream: Upstream
+) -> None:
+    channel, event_id = slack_channel(), "Ev" + uuid.uuid4().hex[:10]
+    token = "tok-" + uuid.uuid4().hex
+    ident = snowflake()
+    gone = [{"status": 400, "description": "channel_not_found"}]
+    await _stub_post(upstream, "/admin/slack/script", {"conversation": channel, "responses": gone})
+    unknown = [{"status": 404, "description": "Unknown Webhook"}]
+    await _stub_post(
+        upstream, "/admin/discord/script", {"conversation": token, "responses": unknown}
+    )
+    settings = client.app[SETTINGS]
+    async with channel_worker(settings):
+        body = event(event_id, channel, "/echo to nowhere")
+        assert (
+            await slack_post(client, "/channels/slack/events", body, slack_headers(body))
+        ).status == 200
+        body = interaction(ident, token, "/echo to nowhere")
+        resp = await client.post(
+            "/channels/discord/interactions", data=body, headers=discord_headers(body)
+        )
+        assert resp.status == 200
+        await wait_sent(upstream, channel, 1, status=400, platform="slack")
+        await wait_sent(upstream, token, 1, status=404, platform="discord")
+        await asyncio.sleep(0.5)
+    assert [s["status"] for s in await sent(upstream, channel, "slack")] == [400]
+    assert [s["status"] for s in await sent(upstream, token, "discord")] == [404]
+    assert await _dead_reasons(settings, f"slack:{event_id}") == [
+        "permanent: 200: channel_not_found"
+    ]
+    assert await _dead_reasons(settings, f"discord:{ident}") == ["permanent: 404: Unknown Webhook"]
