@@ -304,19 +304,22 @@ async def test_rate_limited_user_gets_one_polite_message(
 
 
 async def _dead_reasons(settings: Settings, message_id: str) -> list[str]:
-    """The reasons of the dead-lettered sends of `message_id` (others are put back)."""
+    """The reasons of the dead-lettered sends of `message_id` (others, other tests' in the
+    session's shared queue, are put back once the whole queue was read)."""
     connection = await aio_pika.connect(AMQP_URL)
     reasons: list[str] = []
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(topology.dead(settings.queue_prefix), passive=True)
+        others = []
         while (msg := await queue.get(fail=False, no_ack=False)) is not None:
             if msg.message_id == message_id:
                 reasons.append(str((msg.headers or {}).get("reason")))
                 await msg.ack()
             else:
-                await msg.nack(requeue=True)
-                break
+                others.append(msg)
+        for msg in others:
+            await msg.nack(requeue=True)
     return reasons
 
 
