@@ -387,3 +387,23 @@ async def test_slack_and_discord_permanent_errors_dead_lettered_never_retried(
         "permanent: 200: channel_not_found"
     ]
     assert await _dead_reasons(settings, f"discord:{ident}") == ["permanent: 404: Unknown Webhook"]
+
+
+async def test_slack_event_at_two_replicas_at_once_answered_once(
+    make_app_client: MakeClient, upstream: Upstream
+) -> None:
+    env = {**channel_env(upstream), **slack_env(upstream.url)}
+    one = await connected(await make_app_client(**env))
+    two = await connected(await make_app_client(**env))
+    channel = slack_channel()
+    body = event("Ev" + uuid.uuid4().hex[:10], channel, "/echo just once")
+    path = "/channels/slack/events"
+    async with channel_worker(one.app[SETTINGS]):
+        answers = await asyncio.gather(
+            *(slack_post(c, path, body, slack_headers(body)) for c in (one, two, one, two))
+        )
+        # Each is acked (200) or told to come back (503: another replica was queueing it).
+        assert {r.status for r in answers} <= {200, 503} and 200 in {r.status for r in answers}
+        await wait_sent(upstream, channel, 1, platform="slack")
+        await asyncio.sleep(0.5)  # room for a second copy, if one were coming
+    assert [s["text"] for s in await sent(upstream, channel, "slack")] == ["just once"]
