@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from bot import runtime
 from bot.api.keys import SETTINGS, STATE
-from bot.channels import admin, topology
+from bot.channels import admin, sending, topology
 from bot.channels.intake import dedupe_key
 from bot.channels.runner import ChannelWorker
 from bot.core.service import BotService
@@ -285,6 +285,21 @@ async def test_server_errors_retried_until_sent(tg: AppClient, upstream: Upstrea
         got = await wait_sent(upstream, chat, 1)
     assert [s["status"] for s in await sent(upstream, chat)] == [502, 500, 200]
     assert [s["text"] for s in got] == ["at last"]
+
+
+async def test_send_that_times_out_retried_until_sent(
+    tg: AppClient, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sending, "SEND_TIMEOUT", 0.3)  # the platform's call, whole (10 s)
+    chat = new_id()
+    await _stub_post(
+        upstream, "/admin/telegram/script", {"chat_id": str(chat), "responses": [{"hang_ms": 3000}]}
+    )
+    async with channel_worker(tg.app[SETTINGS]):
+        assert (await post(tg, update(new_id(), chat, "/echo after a hang"))).status == 200
+        got = await wait_sent(upstream, chat, 1)
+    assert [s["status"] for s in await sent(upstream, chat)] == ["hang", 200]
+    assert [s["text"] for s in got] == ["after a hang"]
 
 
 async def test_rate_limited_user_gets_one_polite_message(
