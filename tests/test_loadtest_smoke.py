@@ -411,3 +411,14 @@ def test_channels_smoke_every_answer_once_and_in_order(
     assert figures["expected"] == 90 and figures["delivered"] == 90, figures
     assert figures["duplicates"] == 0 and figures["out_of_order_chats"] == 0
     print("channels smoke:", {k: v for k, v in figures.items() if k != "examples"})
+
+
+def test_channels_scenario_refuses_a_stack_it_cannot_judge() -> None:
+    base = {"BOT_DOTENV": "/dev/null", "BOT_STUB_PORT": "8099"}
+    with pytest.raises(ConfigError, match="needs a channel enabled"):
+        channels.platforms(load_config("channels", base))
+    tg = {**base, "TELEGRAM_BOT_TOKEN": "1:x", "TELEGRAM_WEBHOOK_SECRET": "secret"}
+    with pytest.raises(ConfigError, match="TELEGRAM_API_URL"):
+        channels.platforms(load_config("channels", tg))  # the real Bot API: no record to read
+    on_stub = {**tg, "TELEGRAM_API_URL": "http://127.0.0.1:8099"}
+    assert channels.platforms(load_config("channels", on_stub)) == ("telegram",)
