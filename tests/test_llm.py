@@ -7,6 +7,7 @@ are not whole (none cached). Then the replica in-process: apologies, the model p
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -308,6 +309,81 @@ async def test_running_out_of_total_time_midway_keeps_what_came(upstream: Upstre
     await session.close()
     assert answer.incomplete == "truncated" and 1 <= len(pieces) < 7
     assert answer.text.endswith(INCOMPLETE_NOTES["truncated"])
+
+
+@pytest.fixture
+def wedged_url() -> Iterator[str]:
+    """A URL whose port listens but never accepts, its accept queue full: a connect to it
+    neither completes nor is refused (the kernel drops the SYN), as with a provider whose
+    load balancer is overwhelmed or a firewall that drops packets."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # backlog 0 still queues one or two: fill them
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.05)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    with pytest.raises(TimeoutError):  # the premise: a connect here hangs
+        probe.connect(("127.0.0.1", port))
+    probe.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for s in (*fillers, listener):
+            s.close()
+
+
+async def test_a_connect_that_never_completes_times_out_at_the_connect_bound(
+    wedged_url: str,
+) -> None:
+    """Bounded by `UPSTREAM_CONNECT_TIMEOUT`, not by the first-token or total timeouts."""
+    before = sample("bot_upstream_requests_total", outcome="timeout")
+    session = aiohttp.ClientSession()
+    client = OpenAIClient(
+        session,
+        wedged_url,
+        model="m-1",
+        key="",
+        connect_timeout=0.3,
+        first_token_timeout=5,
+        total_timeout=10,
+    )
+    started = time.monotonic()
+    with pytest.raises(UpstreamUnavailable, match="timed out"):
+        await client.answer("q", [])
+    took = time.monotonic() - started
+    await session.close()
+    assert 0.25 <= took < 1.5, took
+    assert sample("bot_upstream_requests_total", outcome="timeout") == before + 1
+
+
+async def test_an_unreachable_upstream_queues_the_question_within_the_connect_timeout(
+    make_app_client: Callable[..., Awaitable[AppClient]], wedged_url: str
+) -> None:
+    """The replica's whole path: a transient failure, so the job goes to RabbitMQ (202)."""
+    client = await make_app_client(
+        **{
+            **_OPENAI,
+            "UPSTREAM_URL": wedged_url,
+            "UPSTREAM_CONNECT_TIMEOUT": "0.3",
+            "UPSTREAM_FIRST_TOKEN_TIMEOUT": "5",
+            "UPSTREAM_TOTAL_TIMEOUT": "10",
+        }
+    )
+    before = sample("bot_retry_jobs_published_total")
+    started = time.monotonic()
+    resp = await ask(client, unique("q"))
+    took = time.monotonic() - started
+    assert resp.status == 202, await resp.text()
+    assert (await resp.json())["status"] == "queued"
+    assert took < 1.5, took
+    assert sample("bot_retry_jobs_published_total") == before + 1
 
 
 @pytest.mark.parametrize(
