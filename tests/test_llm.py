@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 import requests
 import yaml
@@ -521,6 +522,56 @@ async def test_waiters_on_another_replica_get_the_same_uncached_reply_from_one_c
     assert len(set(replies)) == 1 and reply.format(q=question) in replies[0]
 
 
+async def stream_events(
+    client: AppClient, question: str
+) -> list[tuple[float, str, dict[str, Any]]]:
+    """A streamed ask's events as they arrive: (when, name, data)."""
+    events: list[tuple[float, str, dict[str, Any]]] = []
+    resp = await ask(client, question, Accept="text/event-stream")
+    assert resp.status == 200, await resp.text()
+    name = ""
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((time.monotonic(), name, orjson.loads(line[6:])))
+    return events
+
+
+async def test_streaming_waiters_on_two_replicas_get_the_deltas_of_one_call(
+    make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
+) -> None:
+    """The leader streams on one replica; a second asker there and one on another replica
+    (two apps, one Redis) join while it streams: one upstream call, and each of them sees
+    the answer grow (deltas over time, adding up to it) and then the same final body."""
+    first = await make_app_client(**_OPENAI)
+    second = await make_app_client(**_OPENAI)
+    upstream.llm(token_ms=150)
+    question = unique("q") + " please name five stars"  # 8 pieces over about 1 s
+    leader = asyncio.ensure_future(stream_events(first, question))
+    while upstream.stats().calls == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # a piece or two have gone out
+    here, there = await asyncio.gather(
+        stream_events(first, question), stream_events(second, question)
+    )
+    streams = [await leader, here, there]
+    assert upstream.stats().calls == 1
+    reply = f"[1] You asked: {question}"
+    for events in streams:
+        names = [name for _, name, _ in events]
+        assert names[-1] == "done" and set(names[:-1]) == {"delta"}, names
+        deltas = [(at, data["text"]) for at, name, data in events if name == "delta"]
+        assert len(deltas) >= 3, deltas  # several, not the whole answer at once
+        assert "".join(text for _, text in deltas) == reply
+        assert events[-1][0] - deltas[0][0] >= 0.3, events  # it grew before it ended
+        done = events[-1][2]
+        assert (done["status"], done["reply"], done["cached"]) == ("replied", reply, False)
+    # The cache keeps the final answer: the next asker gets it whole, with no deltas.
+    assert [name for _, name, _ in await stream_events(second, question)] == ["done"]
+
+
 async def test_the_model_pref_is_limited_to_the_allow_list(
     make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
 ) -> None:
@@ -549,8 +600,6 @@ async def test_without_an_allow_list_the_model_pref_is_ignored(
 
 
 def parse_events(raw: str) -> list[tuple[str, Any]]:
-    import orjson
-
     events = []
     for block in raw.strip().split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines())
