@@ -36,6 +36,7 @@ from tests.support import (
     Stack,
     Upstream,
     claim_redis_db,
+    parse_events,
     release_redis_db,
     stack_dir,
     stack_env,
@@ -597,14 +598,6 @@ async def test_without_an_allow_list_the_model_pref_is_ignored(
     assert (await ask(client, "/prefs set model anything", user)).status == 200
     await ask(client, unique("q"), user)
     assert upstream.stats().last["model"] == "stub-model"
-
-
-def parse_events(raw: str) -> list[tuple[str, Any]]:
-    events = []
-    for block in raw.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        events.append((fields["event"], orjson.loads(fields["data"])))
-    return events
 
 
 async def test_a_streamed_answer_is_deltas_then_the_json_body(
