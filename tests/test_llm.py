@@ -458,6 +458,28 @@ async def test_a_transient_error_queues_the_question(
     assert again.status == 202 and upstream.stats().calls == 1
 
 
+async def test_the_breaker_counts_timeouts_not_slowness_below_them(
+    make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
+) -> None:
+    client = await make_app_client(
+        BOT_BREAKER_CONSECUTIVE="2",
+        UPSTREAM_FIRST_TOKEN_TIMEOUT="0.5",
+        UPSTREAM_TOTAL_TIMEOUT="3",
+        **_OPENAI,
+    )
+    upstream.llm(first_token_ms=300)  # slow, but in time: three in a row
+    for _ in range(3):
+        resp = await ask(client, unique("q"))
+        assert resp.status == 200 and (await resp.json())["status"] == "replied"
+    upstream.llm(first_token_ms=800)  # past the first-token bound: two timeouts open it
+    for _ in range(2):
+        assert (await ask(client, unique("q"))).status == 202
+    assert upstream.stats().calls == 5
+    upstream.llm()
+    assert (await ask(client, unique("q"))).status == 202  # short-circuited: no call
+    assert upstream.stats().calls == 5
+
+
 @pytest.mark.parametrize(
     "faults",
     [{"content_null": True}, {"empty_choices": True}, {"finish_reason": "length"},
