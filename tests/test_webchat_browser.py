@@ -218,6 +218,28 @@ def test_the_answer_grows_on_the_page_as_the_language_model_streams_it(
     assert _growing(browser, question) == ""  # whole now: no longer marked as growing
 
 
+def test_a_stream_broken_midway_keeps_its_words_and_the_answer_comes_once(
+    browser: WebDriver, chat_stack: Stack
+) -> None:
+    """Every replica is killed while an answer streams: the page keeps the words it has,
+    sends the message again with the same id, and shows one whole answer in their place."""
+    _open(browser, chat_stack)
+    question = f"name five faint stars {uuid.uuid4().hex[:6]}"
+    requests.post(chat_stack.stub_url + "/admin/llm", json={"token_ms": 300}, timeout=5)
+    try:
+        _send_with_keyboard(browser, question)
+        partial = _wait(browser, lambda d: _growing(d, question))
+        for i in (1, 2, 3):
+            chat_stack.kill(f"bot-{i}", signal.SIGKILL)
+    finally:
+        requests.post(chat_stack.stub_url + "/admin/llm", json={}, timeout=5)
+    time.sleep(0.5)  # the page has seen the stream break
+    assert _growing(browser, question).startswith(partial)  # the words stay meanwhile
+    _wait(browser, lambda d: _answer_for(d, question) != "", timeout=45)
+    assert _answer_for(browser, question).endswith(f"You asked: {question}")
+    assert [e["you"] for e in _exchanges(browser)].count(question) == 1
+
+
 def test_upstream_outage_then_recovery_the_deferred_answer_appears_without_reload(
     browser: WebDriver, chat_stack: Stack
 ) -> None:
