@@ -25,7 +25,9 @@ local function pieces(after)
     return out
   end
   local from = after == '-' and '-' or ('(' .. after)
-  for _, e in ipairs(redis.call('XRANGE', KEYS[4], from, '+', 'COUNT', 1024)) do
+  -- No COUNT: the holder writes at most MAX_REPLY_CHARS of pieces, so this is bounded, and
+  -- a waiter handed the answer gets every piece before it.
+  for _, e in ipairs(redis.call('XRANGE', KEYS[4], from, '+')) do
     out[#out + 1] = e[1]
     out[#out + 1] = e[2][2]
   end
