@@ -174,6 +174,11 @@ def test_a_reply_containing_script_stays_inert_text(browser: WebDriver, chat_sta
     _send_with_keyboard(browser, "/echo " + payload)
     _wait(browser, lambda d: _answer_for(d, "/echo " + payload) != "")
     assert _answer_for(browser, "/echo " + payload) == payload
+    # A question: the language model's answer (the stub repeats it) streams in pieces.
+    question = "what is " + payload.replace("<b>", f"<b>{uuid.uuid4().hex[:6]}")
+    _send_with_keyboard(browser, question)
+    _wait(browser, lambda d: _answer_for(d, question) != "")
+    assert _answer_for(browser, question).endswith(f"You asked: {question}")
     assert browser.execute_script("return window.__pwned") is None
     log = browser.find_element(By.ID, "log")
     for tag in ("script", "img", "b"):
