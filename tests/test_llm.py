@@ -378,6 +378,7 @@ async def test_an_unreachable_upstream_queues_the_question_within_the_connect_ti
             "UPSTREAM_TOTAL_TIMEOUT": "10",
         }
     )
+    await ready(client)
     before = sample("bot_retry_jobs_published_total")
     started = time.monotonic()
     resp = await ask(client, unique("q"))
@@ -424,6 +425,13 @@ async def test_a_user_model_goes_to_the_upstream_and_to_its_own_metrics(
 # --- the replica in-process ------------------------------------------------------------------
 
 
+async def ready(client: AppClient) -> None:
+    """Wait until the replica has its broker (it connects in the background)."""
+    async with asyncio.timeout(10):
+        while not (await (await client.get("/readyz")).json())["dependencies"].get("rabbitmq"):
+            await asyncio.sleep(0.05)
+
+
 async def ask(client: AppClient, text: str, user: str = "", **headers: str) -> ClientResponse:
     body = {"user_id": user or unique(), "text": text}
     return await client.post("/v1/messages", json=body, headers=headers)
@@ -456,6 +464,33 @@ async def test_a_transient_error_queues_the_question(
     # The upstream said when to come back: the circuit stays open till then.
     again = await ask(client, unique("q"))
     assert again.status == 202 and upstream.stats().calls == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "wait"),
+    [
+        (429, {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1s",
+               "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "45s"}, 45),
+        (503, {"Retry-After": "20"}, 20),
+    ],
+)  # fmt: skip
+async def test_the_queued_retry_waits_as_long_as_the_upstream_said(
+    make_app_client: Callable[..., Awaitable[AppClient]],
+    upstream: Upstream,
+    status: int,
+    headers: dict[str, str],
+    wait: float,
+) -> None:
+    """The job goes to RabbitMQ no sooner than `Retry-After`, or for a 429 without it, the
+    reset of the rate-limit budget that ran out."""
+    client = await make_app_client(**_OPENAI)
+    await ready(client)
+    upstream.llm(status=status, headers=headers)
+    with capture_logs() as events:
+        resp = await ask(client, unique("q"))
+    assert resp.status == 202, await resp.text()
+    (published,) = [e for e in events if e["event"] == "retry_job_published"]
+    assert wait <= published["delay"] < wait * 2, published
 
 
 async def test_the_breaker_counts_timeouts_not_slowness_below_them(
