@@ -132,11 +132,11 @@
   // Reads a streamed answer, showing it as it grows; the body of its `done` event, or null
   // when the stream broke (or failed) before it: the caller sends the message again.
   async function readAnswer(r, entry) {
-    const reader = r.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
     let text = "";
     try {
+      const reader = r.body.getReader();
       for (;;) {
         const { value, done } = await reader.read();
         if (done) return null;
