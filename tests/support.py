@@ -257,6 +257,15 @@ def running_stack(tmp: Path, db: int, **overrides: str) -> Iterator[Stack]:
         stack.stop()
 
 
+def parse_events(raw: str) -> list[tuple[str, Any]]:
+    """A whole Server-Sent Events body as (event, data) pairs."""
+    events = []
+    for block in raw.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], orjson.loads(fields["data"])))
+    return events
+
+
 def post(url: str, body: Any, **kw: Any) -> requests.Response:
     headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
     data = body if isinstance(body, (bytes, str)) else orjson.dumps(body)

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from bot import cache as cache_module
 from bot.answers import ASK, Answer, Ask
 from bot.cache import CachedAnswerer, cache_id, normalise
 from bot.errors import UpstreamUnavailable
@@ -146,6 +147,66 @@ async def test_waiters_share_the_holder_failure_at_once(redis_url: str) -> None:
     assert all(isinstance(r, UpstreamUnavailable) for r in results), results
     assert upstream.calls == 1  # the waiter did not call again
     assert elapsed < 1.0  # nor wait for the lock to lapse
+
+
+class StreamingUpstream(CountingUpstream):
+    """Streams its answer to the ask's sink word by word, `delay` apart."""
+
+    async def answer(self, question: str, context: list[dict[str, Any]], ask: Ask = ASK) -> Answer:
+        self.calls += 1
+        words = [f"[{self.calls}]", *(f" {w}" for w in question.split())]
+        for word in words:
+            await asyncio.sleep(self.delay)
+            if ask.sink is not None:
+                await ask.sink(word)
+        return Answer("".join(words))
+
+
+async def test_waiters_hear_the_pieces_and_a_stuck_one_does_not_hold_up_the_rest(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes: the holder's askers and the other's all hear the pieces, in order and
+    adding up to the answer; an asker whose sink hangs is dropped after `SINK_TIMEOUT`
+    (the others and the answer go on); no piece goes past `MAX_REPLY_CHARS`."""
+    monkeypatch.setattr(cache_module, "SINK_TIMEOUT", 0.1)
+    monkeypatch.setattr(cache_module, "MAX_REPLY_CHARS", 30)
+    upstream = StreamingUpstream(delay=0.05)
+    clients = [Redis.from_url(redis_url, decode_responses=True) for _ in range(2)]
+    heard: dict[str, list[str]] = {"lead": [], "here": [], "there": []}
+    stuck = asyncio.Event()
+
+    def sink(name: str) -> Callable[[str], Awaitable[None]]:
+        async def take(piece: str) -> None:
+            heard[name].append(piece)
+
+        return take
+
+    async def hang(piece: str) -> None:
+        await stuck.wait()
+
+    question = "q-pieces one two three four five six seven eight"
+    try:
+        a, b = (cached(r, upstream, lock_seconds=3.0, wait_seconds=5.0) for r in clients)
+        lead = asyncio.ensure_future(a.answer(question, [], Ask("", sink("lead"))))
+        await asyncio.sleep(0.02)
+        started = time.monotonic()
+        answers = await asyncio.gather(
+            lead,
+            a.answer(question, [], Ask("", hang)),
+            a.answer(question, [], Ask("", sink("here"))),
+            b.answer(question, [], Ask("", sink("there"))),
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        for r in clients:
+            await r.aclose()
+    assert upstream.calls == 1
+    whole = "[1] " + question
+    assert {x.text for x in answers} == {whole}
+    for name, pieces in heard.items():
+        assert "".join(pieces) == whole[:30], (name, pieces)  # bounded, in order
+    assert len(heard["lead"]) >= 3 and len(heard["there"]) >= 3, heard
+    assert elapsed < 1.5  # the stuck asker cost one SINK_TIMEOUT, not the answer
 
 
 async def test_waiter_takes_over_when_the_lock_holder_is_gone(redis: Redis) -> None:

@@ -7,6 +7,7 @@ are not whole (none cached). Then the replica in-process: apologies, the model p
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 import requests
 import yaml
@@ -34,6 +36,7 @@ from tests.support import (
     Stack,
     Upstream,
     claim_redis_db,
+    parse_events,
     release_redis_db,
     stack_dir,
     stack_env,
@@ -310,6 +313,82 @@ async def test_running_out_of_total_time_midway_keeps_what_came(upstream: Upstre
     assert answer.text.endswith(INCOMPLETE_NOTES["truncated"])
 
 
+@pytest.fixture
+def wedged_url() -> Iterator[str]:
+    """A URL whose port listens but never accepts, its accept queue full: a connect to it
+    neither completes nor is refused (the kernel drops the SYN), as with a provider whose
+    load balancer is overwhelmed or a firewall that drops packets."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # backlog 0 still queues one or two: fill them
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.05)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    with pytest.raises(TimeoutError):  # the premise: a connect here hangs
+        probe.connect(("127.0.0.1", port))
+    probe.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for s in (*fillers, listener):
+            s.close()
+
+
+async def test_a_connect_that_never_completes_times_out_at_the_connect_bound(
+    wedged_url: str,
+) -> None:
+    """Bounded by `UPSTREAM_CONNECT_TIMEOUT`, not by the first-token or total timeouts."""
+    before = sample("bot_upstream_requests_total", outcome="timeout")
+    session = aiohttp.ClientSession()
+    client = OpenAIClient(
+        session,
+        wedged_url,
+        model="m-1",
+        key="",
+        connect_timeout=0.3,
+        first_token_timeout=5,
+        total_timeout=10,
+    )
+    started = time.monotonic()
+    with pytest.raises(UpstreamUnavailable, match="timed out"):
+        await client.answer("q", [])
+    took = time.monotonic() - started
+    await session.close()
+    assert 0.25 <= took < 1.5, took
+    assert sample("bot_upstream_requests_total", outcome="timeout") == before + 1
+
+
+async def test_an_unreachable_upstream_queues_the_question_within_the_connect_timeout(
+    make_app_client: Callable[..., Awaitable[AppClient]], wedged_url: str
+) -> None:
+    """The replica's whole path: a transient failure, so the job goes to RabbitMQ (202)."""
+    client = await make_app_client(
+        **{
+            **_OPENAI,
+            "UPSTREAM_URL": wedged_url,
+            "UPSTREAM_CONNECT_TIMEOUT": "0.3",
+            "UPSTREAM_FIRST_TOKEN_TIMEOUT": "5",
+            "UPSTREAM_TOTAL_TIMEOUT": "10",
+        }
+    )
+    await ready(client)
+    before = sample("bot_retry_jobs_published_total")
+    started = time.monotonic()
+    resp = await ask(client, unique("q"))
+    took = time.monotonic() - started
+    assert resp.status == 202, await resp.text()
+    assert (await resp.json())["status"] == "queued"
+    assert took < 1.5, took
+    assert sample("bot_retry_jobs_published_total") == before + 1
+
+
 @pytest.mark.parametrize(
     ("faults", "reason", "text"),
     [
@@ -346,6 +425,13 @@ async def test_a_user_model_goes_to_the_upstream_and_to_its_own_metrics(
 # --- the replica in-process ------------------------------------------------------------------
 
 
+async def ready(client: AppClient) -> None:
+    """Wait until the replica has its broker (it connects in the background)."""
+    async with asyncio.timeout(10):
+        while not (await (await client.get("/readyz")).json())["dependencies"].get("rabbitmq"):
+            await asyncio.sleep(0.05)
+
+
 async def ask(client: AppClient, text: str, user: str = "", **headers: str) -> ClientResponse:
     body = {"user_id": user or unique(), "text": text}
     return await client.post("/v1/messages", json=body, headers=headers)
@@ -378,6 +464,55 @@ async def test_a_transient_error_queues_the_question(
     # The upstream said when to come back: the circuit stays open till then.
     again = await ask(client, unique("q"))
     assert again.status == 202 and upstream.stats().calls == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "wait"),
+    [
+        (429, {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1s",
+               "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "45s"}, 45),
+        (503, {"Retry-After": "20"}, 20),
+    ],
+)  # fmt: skip
+async def test_the_queued_retry_waits_as_long_as_the_upstream_said(
+    make_app_client: Callable[..., Awaitable[AppClient]],
+    upstream: Upstream,
+    status: int,
+    headers: dict[str, str],
+    wait: float,
+) -> None:
+    """The job goes to RabbitMQ no sooner than `Retry-After`, or for a 429 without it, the
+    reset of the rate-limit budget that ran out."""
+    client = await make_app_client(**_OPENAI)
+    await ready(client)
+    upstream.llm(status=status, headers=headers)
+    with capture_logs() as events:
+        resp = await ask(client, unique("q"))
+    assert resp.status == 202, await resp.text()
+    (published,) = [e for e in events if e["event"] == "retry_job_published"]
+    assert wait <= published["delay"] < wait * 2, published
+
+
+async def test_the_breaker_counts_timeouts_not_slowness_below_them(
+    make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
+) -> None:
+    client = await make_app_client(
+        BOT_BREAKER_CONSECUTIVE="2",
+        UPSTREAM_FIRST_TOKEN_TIMEOUT="0.5",
+        UPSTREAM_TOTAL_TIMEOUT="3",
+        **_OPENAI,
+    )
+    upstream.llm(first_token_ms=300)  # slow, but in time: three in a row
+    for _ in range(3):
+        resp = await ask(client, unique("q"))
+        assert resp.status == 200 and (await resp.json())["status"] == "replied"
+    upstream.llm(first_token_ms=800)  # past the first-token bound: two timeouts open it
+    for _ in range(2):
+        assert (await ask(client, unique("q"))).status == 202
+    assert upstream.stats().calls == 5
+    upstream.llm()
+    assert (await ask(client, unique("q"))).status == 202  # short-circuited: no call
+    assert upstream.stats().calls == 5
 
 
 @pytest.mark.parametrize(
@@ -445,6 +580,56 @@ async def test_waiters_on_another_replica_get_the_same_uncached_reply_from_one_c
     assert len(set(replies)) == 1 and reply.format(q=question) in replies[0]
 
 
+async def stream_events(
+    client: AppClient, question: str
+) -> list[tuple[float, str, dict[str, Any]]]:
+    """A streamed ask's events as they arrive: (when, name, data)."""
+    events: list[tuple[float, str, dict[str, Any]]] = []
+    resp = await ask(client, question, Accept="text/event-stream")
+    assert resp.status == 200, await resp.text()
+    name = ""
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((time.monotonic(), name, orjson.loads(line[6:])))
+    return events
+
+
+async def test_streaming_waiters_on_two_replicas_get_the_deltas_of_one_call(
+    make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
+) -> None:
+    """The leader streams on one replica; a second asker there and one on another replica
+    (two apps, one Redis) join while it streams: one upstream call, and each of them sees
+    the answer grow (deltas over time, adding up to it) and then the same final body."""
+    first = await make_app_client(**_OPENAI)
+    second = await make_app_client(**_OPENAI)
+    upstream.llm(token_ms=150)
+    question = unique("q") + " please name five stars"  # 8 pieces over about 1 s
+    leader = asyncio.ensure_future(stream_events(first, question))
+    while upstream.stats().calls == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # a piece or two have gone out
+    here, there = await asyncio.gather(
+        stream_events(first, question), stream_events(second, question)
+    )
+    streams = [await leader, here, there]
+    assert upstream.stats().calls == 1
+    reply = f"[1] You asked: {question}"
+    for events in streams:
+        names = [name for _, name, _ in events]
+        assert names[-1] == "done" and set(names[:-1]) == {"delta"}, names
+        deltas = [(at, data["text"]) for at, name, data in events if name == "delta"]
+        assert len(deltas) >= 3, deltas  # several, not the whole answer at once
+        assert "".join(text for _, text in deltas) == reply
+        assert events[-1][0] - deltas[0][0] >= 0.3, events  # it grew before it ended
+        done = events[-1][2]
+        assert (done["status"], done["reply"], done["cached"]) == ("replied", reply, False)
+    # The cache keeps the final answer: the next asker gets it whole, with no deltas.
+    assert [name for _, name, _ in await stream_events(second, question)] == ["done"]
+
+
 async def test_the_model_pref_is_limited_to_the_allow_list(
     make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
 ) -> None:
@@ -470,16 +655,6 @@ async def test_without_an_allow_list_the_model_pref_is_ignored(
     assert (await ask(client, "/prefs set model anything", user)).status == 200
     await ask(client, unique("q"), user)
     assert upstream.stats().last["model"] == "stub-model"
-
-
-def parse_events(raw: str) -> list[tuple[str, Any]]:
-    import orjson
-
-    events = []
-    for block in raw.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        events.append((fields["event"], orjson.loads(fields["data"])))
-    return events
 
 
 async def test_a_streamed_answer_is_deltas_then_the_json_body(

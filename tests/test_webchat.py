@@ -21,7 +21,7 @@ import requests
 from bot.api import webchat
 from bot.api.keys import STATE
 from bot.websession import COOKIE, SessionSigner, user_id
-from tests.support import AppClient, Stack
+from tests.support import AppClient, Stack, Upstream, parse_events
 
 SECRET = "webchat-test-secret-0123456789"
 Events = list[tuple[str, dict[str, Any]]]
@@ -188,6 +188,39 @@ async def test_events_stream_every_reply_once_and_resume_after_the_last_id(chat:
     assert resumed[1][0] == live_id
     r = await chat.get("/chat/events", headers={"Last-Event-ID": "not-a-cursor"})
     assert r.status == 400
+
+
+async def test_a_streamed_message_grows_then_is_in_the_inbox_once(
+    make_app_client: Callable[..., Awaitable[AppClient]], upstream: Upstream
+) -> None:
+    """`Accept: text/event-stream`: `delta` events then the `done` body, as `/v1/messages`
+    gives; the answer reaches `/chat/events` once, however often the message is resent."""
+    chat = await make_app_client(
+        BOT_WEBCHAT_SECRET=SECRET, UPSTREAM_KIND="openai", UPSTREAM_MODEL="stub-model"
+    )
+    await _session(chat)
+    stream = {"Accept": "text/event-stream"}
+    body = {"text": "name three stars please", "message_id": "w-1"}
+    r = await chat.post("/chat/messages", json=body, headers=stream)
+    assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+    events = parse_events(await r.text())
+    deltas = [data["text"] for name, data in events if name == "delta"]
+    assert len(deltas) == 7 and [name for name, _ in events][-1] == "done"
+    reply = "[1] You asked: name three stars please"
+    assert "".join(deltas) == reply
+    assert events[-1][1] == {"message_id": "w-1", "status": "replied", "reply": reply,
+                             "cached": False}  # fmt: skip
+    # Resent (a stream cut before its end): the same answer, the `done` event alone.
+    again = await chat.post("/chat/messages", json=body, headers=stream)
+    assert parse_events(await again.text()) == [("done", events[-1][1])]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    async with chat.get("/chat/events") as live:
+        ((_, data),) = await _events(live, 1)
+    assert (data["message_id"], data["reply"]) == ("w-1", reply)
+    assert upstream.stats().calls == 1
+    # A bad message is still a JSON error, not a stream.
+    bad = await chat.post("/chat/messages", json={"text": ""}, headers=stream)
+    assert bad.status == 400 and bad.content_type == "application/json"
 
 
 async def test_event_streams_are_bounded_per_session(chat: AppClient) -> None:

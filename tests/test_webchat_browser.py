@@ -36,13 +36,18 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SCREENSHOT = ROOT / "reports" / "webchat.png"
 WAITING = "Waiting for an answer…"
 
-# Retries and the breaker quick enough that a deferred answer comes within a second or two.
+# Retries and the breaker quick enough that a deferred answer comes within a second or two;
+# the stub asked as an LLM, so that answers stream.
 CHAT_STACK = {
+    "UPSTREAM_KIND": "openai",
+    "UPSTREAM_MODEL": "stub-model",
+    "UPSTREAM_CONNECT_TIMEOUT": "1",
+    "UPSTREAM_FIRST_TOKEN_TIMEOUT": "2",
+    "UPSTREAM_TOTAL_TIMEOUT": "8",
     "BOT_RATE_LIMIT": "100/second",
     "BOT_RATE_BURST": "1000",
     "BOT_RETRY_BASE_DELAY": "0.2",
     "BOT_RETRY_MAX_DELAY": "0.5",
-    "BOT_UPSTREAM_TIMEOUT": "1",
     "BOT_BREAKER_OPEN_SECONDS": "0.5",
     "BOT_DRAIN_TIMEOUT": "3",
 }
@@ -169,10 +174,75 @@ def test_a_reply_containing_script_stays_inert_text(browser: WebDriver, chat_sta
     _send_with_keyboard(browser, "/echo " + payload)
     _wait(browser, lambda d: _answer_for(d, "/echo " + payload) != "")
     assert _answer_for(browser, "/echo " + payload) == payload
+    # A question: the language model's answer (the stub repeats it) streams in pieces.
+    question = "what is " + payload.replace("<b>", f"<b>{uuid.uuid4().hex[:6]}")
+    _send_with_keyboard(browser, question)
+    _wait(browser, lambda d: _answer_for(d, question) != "")
+    assert _answer_for(browser, question).endswith(f"You asked: {question}")
     assert browser.execute_script("return window.__pwned") is None
     log = browser.find_element(By.ID, "log")
     for tag in ("script", "img", "b"):
         assert log.find_elements(By.TAG_NAME, tag) == []
+
+
+def _growing(driver: WebDriver, you: str) -> str:
+    """The bot's answer under `you` while it streams (not yet whole), else ""."""
+    script = """
+        const e = Array.from(document.querySelectorAll('#log .exchange'))
+          .find(e => (e.querySelector('.line.you .text') || {}).textContent === arguments[0]);
+        const bot = e && e.querySelector('.line.bot.streaming.pending');
+        return bot && !bot.hidden ? bot.querySelector('.text').textContent : '';"""
+    text: str = driver.execute_script(script, you)
+    return text
+
+
+def test_the_answer_grows_on_the_page_as_the_language_model_streams_it(
+    browser: WebDriver, chat_stack: Stack
+) -> None:
+    """The stub streams slowly (a piece every 0.3 s): the page shows the first words, then
+    more, before the whole answer, which the words so far begin."""
+    _open(browser, chat_stack)
+    question = f"name five bright stars {uuid.uuid4().hex[:6]}"  # 8 pieces: over 2 s
+    requests.post(chat_stack.stub_url + "/admin/llm", json={"token_ms": 300}, timeout=5)
+    try:
+        _send_with_keyboard(browser, question)
+        first = _wait(browser, lambda d: _growing(d, question))
+        more = _wait(
+            browser, lambda d: len(_growing(d, question)) > len(first) and _growing(d, question)
+        )
+        _wait(browser, lambda d: _answer_for(d, question) != "")
+    finally:
+        requests.post(chat_stack.stub_url + "/admin/llm", json={}, timeout=5)
+    final = _answer_for(browser, question)
+    assert final.endswith(f"You asked: {question}")
+    assert final.startswith(more) and more.startswith(first) and len(first) < len(final), (
+        first,
+        more,
+        final,
+    )
+    assert _growing(browser, question) == ""  # whole now: no longer marked as growing
+
+
+def test_a_stream_broken_midway_keeps_its_words_and_the_answer_comes_once(
+    browser: WebDriver, chat_stack: Stack
+) -> None:
+    """Every replica is killed while an answer streams: the page keeps the words it has,
+    sends the message again with the same id, and shows one whole answer in their place."""
+    _open(browser, chat_stack)
+    question = f"name five faint stars {uuid.uuid4().hex[:6]}"
+    requests.post(chat_stack.stub_url + "/admin/llm", json={"token_ms": 300}, timeout=5)
+    try:
+        _send_with_keyboard(browser, question)
+        partial = _wait(browser, lambda d: _growing(d, question))
+        for i in (1, 2, 3):
+            chat_stack.kill(f"bot-{i}", signal.SIGKILL)
+    finally:
+        requests.post(chat_stack.stub_url + "/admin/llm", json={}, timeout=5)
+    time.sleep(0.5)  # the page has seen the stream break
+    assert _growing(browser, question).startswith(partial)  # the words stay meanwhile
+    _wait(browser, lambda d: _answer_for(d, question) != "", timeout=45)
+    assert _answer_for(browser, question).endswith(f"You asked: {question}")
+    assert [e["you"] for e in _exchanges(browser)].count(question) == 1
 
 
 def test_upstream_outage_then_recovery_the_deferred_answer_appears_without_reload(

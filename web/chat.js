@@ -1,7 +1,9 @@
 // The web chat page: no framework, no build step. The session is an HttpOnly cookie
 // (POST /chat/session); messages go to POST /chat/messages with an id of their own, resent
-// with the same id after a network error (answered once); replies arrive over Server-Sent
-// Events (GET /chat/events), which the browser resumes from the last event id it got.
+// with the same id after a network error (answered once). The answer streams back in that
+// response (Server-Sent Events: `delta` pieces, then `done` with the JSON body), so it grows
+// on the page as the language model writes it; every reply (deferred ones too) also arrives
+// over GET /chat/events, which the browser resumes from the last event id it got.
 // Bot text is only ever set as textContent, never parsed as HTML.
 "use strict";
 
@@ -86,6 +88,7 @@
   function showState(entry, text, error = false) {
     if (entry.kind) return; // an answer is already shown
     entry.bot.hidden = false;
+    entry.bot.classList.remove("streaming");
     entry.bot.classList.add("pending");
     entry.bot.classList.toggle("error", error);
     entry.bot.querySelector(".text").textContent = text;
@@ -97,9 +100,59 @@
     if (entry.kind === "answer" || (entry.kind && kind !== "answer")) return;
     entry.kind = kind;
     entry.bot.hidden = false;
-    entry.bot.classList.remove("pending", "error");
+    entry.bot.classList.remove("pending", "error", "streaming");
     entry.bot.querySelector(".text").textContent = reply;
     scrollDown();
+  }
+
+  // The answer so far, while it streams: still pending until the whole of it is there.
+  function showGrowing(entry, text) {
+    if (entry.kind) return;
+    entry.bot.hidden = false;
+    entry.bot.classList.remove("error");
+    entry.bot.classList.add("pending", "streaming");
+    entry.bot.querySelector(".text").textContent = text;
+    scrollDown();
+  }
+
+  function parseEvent(block) {
+    let name = "message";
+    const data = [];
+    for (const field of block.split("\n")) {
+      if (field.startsWith("event:")) name = field.slice(6).trim();
+      else if (field.startsWith("data:")) data.push(field.slice(5).replace(/^ /, ""));
+    }
+    try {
+      return { name, data: JSON.parse(data.join("\n")) };
+    } catch {
+      return null; // a comment, or not ours
+    }
+  }
+
+  // Reads a streamed answer, showing it as it grows; the body of its `done` event, or null
+  // when the stream broke (or failed) before it: the caller sends the message again.
+  async function readAnswer(r, entry) {
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let text = "";
+    try {
+      const reader = r.body.getReader();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return null;
+        buffer += decoder.decode(value, { stream: true }).replace(/\r/g, "");
+        for (let cut = buffer.indexOf("\n\n"); cut >= 0; cut = buffer.indexOf("\n\n")) {
+          const event = parseEvent(buffer.slice(0, cut));
+          buffer = buffer.slice(cut + 2);
+          if (!event) continue;
+          if (event.name !== "delta") return event.name === "done" ? event.data : null;
+          text += String(event.data.text);
+          showGrowing(entry, text);
+        }
+      }
+    } catch {
+      return null; // the connection broke midway
+    }
   }
 
   function record(id, state) {
@@ -132,7 +185,7 @@
         r = await fetch("/chat/messages", {
           method: "POST",
           credentials: "same-origin",
-          headers: { "Content-Type": "application/json" },
+          headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
           body: JSON.stringify({ text: rec.text, message_id: rec.id }),
         });
       } catch {
@@ -142,8 +195,13 @@
         await startSession();
         continue;
       }
+      let body = null;
       if (r && r.ok) {
-        const body = await r.json();
+        const streamed = (r.headers.get("Content-Type") || "").startsWith("text/event-stream");
+        body = streamed ? await readAnswer(r, entry) : await r.json().catch(() => null);
+        if (!body) r = null; // cut before its end: the same message id again
+      }
+      if (body) {
         if (body.status === "replied") {
           showReply(entry, body.reply, "answer");
           record(rec.id, "answered");
@@ -165,7 +223,8 @@
         return;
       }
       const retryAfter = r ? Number(r.headers.get("Retry-After")) : 0;
-      showState(entry, "Not sent yet: trying again…");
+      // A stream that broke midway keeps what it showed until the answer comes whole.
+      if (!entry.bot.classList.contains("streaming")) showState(entry, "Not sent yet: trying again…");
       await sleep(retryAfter > 0 ? retryAfter * 1000 : delay);
     }
   }

@@ -9,6 +9,7 @@ after it (rare: the answer is already flowing) is an `error` event with the same
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -34,6 +35,9 @@ from bot.logging import get_logger
 
 log = get_logger(__name__)
 EVENT_STREAM = "text/event-stream"
+
+# What a route does with a message's outcome besides answering it (the web chat's inbox).
+Then = Callable[[Outcome], Awaitable[None]]
 
 # The one place a message's outcome becomes an HTTP status.
 STATUS: dict[OutcomeKind, int] = {"replied": 200, "queued": 202}
@@ -80,9 +84,20 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     except (BadRequest, Forbidden):
         metrics.MESSAGE["rejected"].inc()
         raise
+    return await respond(request, msg)
+
+
+async def respond(
+    request: web.Request, msg: Message, then: Then | None = None
+) -> web.StreamResponse:
+    """Answer a parsed message as the client asked: JSON, or (`Accept: text/event-stream`)
+    the answer streamed. `then` sees the outcome before the client does."""
     if EVENT_STREAM in request.headers.get("Accept", "").lower():
-        return await _stream(request, request.app[REPLICA].service, msg)
-    return (await answer(request, msg))[1]
+        return await _stream(request, request.app[REPLICA].service, msg, then)
+    outcome, response = await answer(request, msg)
+    if then is not None:
+        await then(outcome)
+    return response
 
 
 async def answer(request: web.Request, msg: Message) -> tuple[Outcome, web.Response]:
@@ -137,10 +152,14 @@ class _Relay:
         await self.event("delta", {"text": piece})
 
 
-async def _stream(request: web.Request, service: BotService, msg: Any) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, service: BotService, msg: Message, then: Then | None
+) -> web.StreamResponse:
     relay = _Relay(request)
     try:
         outcome = await service.handle(msg, relay.delta)
+        if then is not None:
+            await then(outcome)
     except BotError as exc:
         if relay.response is None:
             raise  # nothing sent yet: the usual JSON error

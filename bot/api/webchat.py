@@ -23,11 +23,11 @@ from aiohttp import web
 
 from bot import metrics
 from bot.api.keys import EVENTS_ROUTE, REPLICA, SETTINGS, SIGNER, STATE
-from bot.api.messages import answer, read_json
+from bot.api.messages import read_json, respond
 from bot.api.middleware import REQUEST_ID, ClientGuard
 from bot.api.render import json_response
 from bot.api.replies import cursor_after, one_query
-from bot.core.types import Reply
+from bot.core.types import Outcome, Reply
 from bot.core.validation import parse_message
 from bot.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from bot.inbox import valid_cursor
@@ -101,8 +101,9 @@ async def post_session(request: web.Request) -> web.Response:
     return response
 
 
-async def post_message(request: web.Request) -> web.Response:
-    """``POST /v1/messages`` for the session's user; its answer goes to the inbox too."""
+async def post_message(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/messages`` for the session's user (streamed too, with ``Accept:
+    text/event-stream``); its answer goes to the inbox as well, before the client has it."""
     signer = _signer(request)
     try:
         _same_site(request)
@@ -115,11 +116,15 @@ async def post_message(request: web.Request) -> web.Response:
     except (BadRequest, Forbidden, Unauthorized):
         metrics.MESSAGE["rejected"].inc()
         raise
-    outcome, response = await answer(request, msg)
-    if outcome.kind == "replied":
-        # Once per message id (inbox.lua): a replay or a second tab adds nothing.
-        await request.app[REPLICA].inbox.deliver(msg.user_id, msg.message_id, outcome.body["reply"])
-    return response
+
+    async def deliver(outcome: Outcome) -> None:
+        if outcome.kind == "replied":
+            # Once per message id (inbox.lua): a replay or a second tab adds nothing.
+            await request.app[REPLICA].inbox.deliver(
+                msg.user_id, msg.message_id, outcome.body["reply"]
+            )
+
+    return await respond(request, msg, deliver)
 
 
 def _frame(reply: Reply) -> bytes:
