@@ -9,11 +9,11 @@ after it (rare: the answer is already flowing) is an `error` event with the same
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_response import Response, StreamResponse
 
 from bot import metrics
 from bot.api.keys import REPLICA
@@ -32,6 +32,9 @@ from bot.errors import (
 )
 from bot.logging import get_logger
 
+if TYPE_CHECKING:
+    from aiohttp.web_request import Request
+
 log = get_logger(__name__)
 EVENT_STREAM = "text/event-stream"
 
@@ -39,13 +42,13 @@ EVENT_STREAM = "text/event-stream"
 STATUS: dict[OutcomeKind, int] = {"replied": 200, "queued": 202}
 
 
-async def read_json(request: web.Request) -> Any:
+async def read_json(request: Request) -> Any:
     """The request body as JSON, or a 413/415/400 error."""
     require_json(request)
     return parse_json(await read_body(request))
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: Request) -> bytes:
     """The raw request body (what a platform signed), or a 413/415/400 error."""
     # aiohttp would inflate a gzip/deflate body itself, and a corrupt one failed the read
     # (a 500); bodies are small, so none is accepted compressed (RFC 7694: 415).
@@ -72,7 +75,7 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
 
 
-async def post_message(request: web.Request) -> web.StreamResponse:
+async def post_message(request: Request) -> StreamResponse:
     try:
         payload = await read_json(request)
         msg = parse_message(payload, request[REQUEST_ID])
@@ -85,7 +88,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     return (await answer(request, msg))[1]
 
 
-async def answer(request: web.Request, msg: Message) -> tuple[Outcome, web.Response]:
+async def answer(request: Request, msg: Message) -> tuple[Outcome, Response]:
     """Handle a parsed message: its outcome, and the JSON response that renders it."""
     service = request.app[REPLICA].service
     outcome = await service.handle(msg)
@@ -106,9 +109,9 @@ def _headers(service: BotService, outcome: Outcome) -> dict[str, str]:
 class _Relay:
     """The event stream of one request, started by its first event."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: Request) -> None:
         self.request = request
-        self.response: web.StreamResponse | None = None
+        self.response: StreamResponse | None = None
         self.gone = False  # the client went away: the answer goes on without it
 
     async def event(self, name: str, data: Any, headers: dict[str, str] | None = None) -> None:
@@ -116,7 +119,7 @@ class _Relay:
             return
         try:
             if self.response is None:
-                self.response = web.StreamResponse(
+                self.response = StreamResponse(
                     headers={
                         "Content-Type": EVENT_STREAM,
                         "Cache-Control": "no-cache",
@@ -137,7 +140,7 @@ class _Relay:
         await self.event("delta", {"text": piece})
 
 
-async def _stream(request: web.Request, service: BotService, msg: Any) -> web.StreamResponse:
+async def _stream(request: Request, service: BotService, msg: Any) -> StreamResponse:
     relay = _Relay(request)
     try:
         outcome = await service.handle(msg, relay.delta)
@@ -154,7 +157,7 @@ async def _stream(request: web.Request, service: BotService, msg: Any) -> web.St
         await relay.event("done", outcome.body, _headers(service, outcome))
     assert relay.response is not None or relay.gone
     if relay.response is None:  # gone before anything was sent
-        return web.Response(status=499)
+        return Response(status=499)
     if not relay.gone:
         await relay.response.write_eof()
     return relay.response

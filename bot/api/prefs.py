@@ -6,7 +6,9 @@ when the keys the user already has are what exceeds the limit).
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import TYPE_CHECKING
+
+from aiohttp.web_response import Response
 
 from bot.api.keys import REPLICA
 from bot.api.messages import read_json
@@ -15,17 +17,20 @@ from bot.core.validation import check_id, check_pref_key, check_pref_value
 from bot.errors import BadRequest, Conflict
 from bot.store import MAX_PREFS, TooManyPrefs
 
+if TYPE_CHECKING:
+    from aiohttp.web_request import Request
 
-def _user(request: web.Request) -> str:
+
+def _user(request: Request) -> str:
     return check_id(request.match_info["user_id"], "user_id")
 
 
-async def get_prefs(request: web.Request) -> web.Response:
+async def get_prefs(request: Request) -> Response:
     prefs = await request.app[REPLICA].store.prefs(_user(request))
     return json_response({"prefs": prefs})
 
 
-async def put_prefs(request: web.Request) -> web.Response:
+async def put_prefs(request: Request) -> Response:
     """Merge the given preferences into the user's; all or nothing."""
     user = _user(request)
     payload = await read_json(request)
@@ -47,19 +52,12 @@ async def put_prefs(request: web.Request) -> web.Response:
     return json_response({"prefs": prefs})
 
 
-async def delete_prefs(request: web.Request) -> web.Response:
+async def delete_prefs(request: Request) -> Response:
     await request.app[REPLICA].store.del_prefs(_user(request))
-    return web.Response(status=204)
+    return Response(status=204)
 
 
-async def delete_pref(request: web.Request) -> web.Response:
+async def delete_pref(request: Request) -> Response:
     user = _user(request)
     await request.app[REPLICA].store.del_prefs(user, check_pref_key(request.match_info["key"]))
-    return web.Response(status=204)
-
-
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_get("/v1/users/{user_id}/prefs", get_prefs)
-    router.add_put("/v1/users/{user_id}/prefs", put_prefs)
-    router.add_delete("/v1/users/{user_id}/prefs", delete_prefs)
-    router.add_delete("/v1/users/{user_id}/prefs/{key}", delete_pref)
+    return Response(status=204)
