@@ -70,8 +70,10 @@ class Container:
         self._stack = stack
 
     @classmethod
-    async def start(cls, settings: Settings, name: str = "bot-lambda") -> Container:
-        """Clients and components for `settings`; waits up to `BROKER_WAIT` for RabbitMQ."""
+    async def start(
+        cls, settings: Settings, name: str = "bot-lambda", *, broker_wait: float = BROKER_WAIT
+    ) -> Container:
+        """Clients and components for `settings`; waits up to `broker_wait` s for RabbitMQ."""
         stack = contextlib.AsyncExitStack()
         # One request at a time: the replica's auto-pipelining would batch nothing.
         redis = await stack.enter_async_context(runtime.redis_client(settings.redis_url))
@@ -91,7 +93,7 @@ class Container:
         }
         metrics.init()
         await broker.start()
-        await broker.wait_declared(BROKER_WAIT)
+        await broker.wait_declared(broker_wait)
         return cls(settings, app, middleware.build(settings), broker, stack)
 
     async def serve(self, event: object) -> Any:
