@@ -107,7 +107,7 @@ class Container:
         # The handlers read only what `GatewayRequest` has of aiohttp's request (the same
         # table of requests, replayed against both, holds them to it: tests/test_serverless).
         response = await self.middleware(request, handler)  # type: ignore[arg-type]
-        return gateway.result(response, head=request.method == "HEAD")
+        return gateway.result(response, stream=request.stream, head=request.method == "HEAD")
 
     async def close(self) -> None:
         """Close every client (tests; a Lambda container is simply frozen, then gone)."""

@@ -173,6 +173,8 @@ def table() -> list[Step]:
         msg("sl-echo", "/echo hello", "m-echo", **{"X-Request-ID": "rid-echo-1"}),
         msg("sl-echo", "/echo hello", "m-echo", **{"X-Request-ID": "rid-echo-2"}),
         msg("sl-help", "/help", "m-help"),
+        msg("sl-sse", "/echo streamed", "m-sse", Accept="text/event-stream"),
+        msg("sl-sse", "/echo streamed", "m-sse", Accept="text/event-stream"),
         msg("sl-ask", "what is a pulsar?", "m-ask-1"),
         msg("sl-ask", "what is a pulsar?", "m-ask-2"),
         msg("sl-bad id!", "/help"),
@@ -304,7 +306,8 @@ def normalised(status: int, headers: dict[str, str], body: bytes) -> Answer:
     """Status, the contract's headers (names lower-cased) and the body (JSON parsed), with a
     reply's time and the inbox cursor (both from the clock) replaced by their shape."""
     kept = {k: headers[k] for k in CONTRACT_HEADERS if k in headers}
-    parsed: Any = orjson.loads(body) if body else None
+    json = headers.get("content-type", "").startswith("application/json")
+    parsed: Any = orjson.loads(body) if body and json else body
     if isinstance(parsed, dict) and "replies" in parsed:
         assert isinstance(parsed["next"], str) and parsed["next"].count("-") == 1
         parsed["next"] = "<cursor>"
@@ -444,6 +447,9 @@ async def test_the_table_answers_alike_on_the_app_and_the_handler(
     assert named["slack url_verification"][2] == {"challenge": "c-42"}
     assert named["discord command"][2] == {"type": 5}
     assert named["replies"][2]["replies"][1]["reply"] == "the second"
+    streamed = named["message sl-sse '/echo streamed' m-sse"]
+    assert streamed[1]["content-type"] == "text/event-stream"
+    assert streamed[2].startswith(b"event: done\ndata: {"), streamed
 
 
 async def _until_broker(ready: Callable[[], Awaitable[Any]]) -> None:
@@ -730,3 +736,19 @@ async def test_the_handler_answers_through_the_aws_runtime_interface_client(
     assert orjson.loads(first["body"])["reply"] == "via the RIC"
     assert replay["headers"]["idempotent-replayed"] == "true"
     assert rest["statusCode"] == 400
+
+
+async def test_without_keys_only_loopback_sources_are_served_as_on_a_replica(
+    settings: Settings,
+) -> None:
+    """The event's `sourceIp` is the client: with no BOT_API_KEYS (and BOT_OPEN_API off),
+    an API Gateway caller from anywhere gets the replica's 403."""
+    body = orjson.dumps({"user_id": "sl-open", "text": "/help"})
+    async with container_for(replace(settings, api_keys=())) as container:
+        ev = api_event("POST", "/v1/messages", body, JSON)
+        ev["requestContext"]["http"]["sourceIp"] = "203.0.113.9"
+        res = await container.serve(ev)
+        assert res["statusCode"] == 403, res
+        assert orjson.loads(res["body"])["error"]["code"] == "api_keys_required"
+        ev["requestContext"]["http"]["sourceIp"] = "127.0.0.1"
+        assert (await container.serve(ev))["statusCode"] == 200

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp.helpers import HeadersMixin
+from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler
 from aiohttp.web_response import Response, StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
@@ -32,8 +33,11 @@ from bot.errors import MAX_BODY, BadRequest, MethodNotAllowed, NotFound, Payload
 PAYLOAD_VERSION = "2.0"
 # A `{name}` of an aiohttp path template matches one segment (aiohttp's own pattern).
 _VARIABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# Set by the transport, not by the handlers: API Gateway frames the answer itself.
-_HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "content-length"))
+# Set by the transport (aiohttp's, when a streamed answer is prepared), not by the handlers:
+# API Gateway frames and dates the answer itself.
+_TRANSPORT = frozenset(
+    ("connection", "keep-alive", "transfer-encoding", "content-length", "date", "server")
+)
 
 
 class UnsupportedEvent(BadRequest):
@@ -136,8 +140,56 @@ def _raiser(error: Exception) -> Handler:
     return refuse
 
 
+class StreamBuffer:
+    """Where a streamed answer (`StreamResponse.prepare`, then `write`s) is written: an HTTP
+    API integration cannot stream, so the events go back together, once the answer ends.
+
+    The part of aiohttp's payload writer that `StreamResponse` calls.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.length: int | None = None
+        self.buffer_size = 0
+        self.output_size = 0
+
+    def enable_chunking(self) -> None:
+        """Nothing to frame: API Gateway sends the body with its own length."""
+
+    def enable_compression(self, encoding: str = "deflate", strategy: int | None = None) -> None:
+        """Never asked for: the API compresses nothing."""
+
+    async def write_headers(self, status_line: str, headers: Any) -> None:
+        """The headers go into the result, from the response itself."""
+
+    def send_headers(self) -> None:
+        """As `write_headers`."""
+
+    async def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self.chunks.append(bytes(chunk))
+        self.output_size += len(chunk)
+
+    async def write_eof(self, chunk: bytes = b"") -> None:
+        if chunk:
+            await self.write(chunk)
+
+    async def drain(self) -> None:
+        """Nothing waits to be sent."""
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
 class GatewayRequest(HeadersMixin):
-    """What the API's handlers and middleware read of an aiohttp request, from an event."""
+    """What the API's handlers and middleware read of an aiohttp request, from an event.
+
+    A streamed answer is written to `stream` (`StreamBuffer`), through the three members
+    aiohttp's `StreamResponse.prepare` reads of the request it answers.
+    """
+
+    version = HttpVersion11
+    keep_alive = True
 
     def __init__(
         self,
@@ -157,6 +209,10 @@ class GatewayRequest(HeadersMixin):
         self.remote = remote
         self.match_info = MatchInfo({}, None, None)
         self._state: dict[Any, Any] = {}
+        self.stream = self._payload_writer = StreamBuffer()
+
+    async def _prepare_hook(self, response: StreamResponse) -> None:
+        """Nothing to do before a streamed answer's headers (aiohttp's signals)."""
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -204,18 +260,23 @@ def request_from_event(event: dict[str, Any], app: Mapping[Any, Any]) -> Gateway
     return GatewayRequest(app, http["method"].upper(), url, headers, body, http.get("sourceIp"))
 
 
-def result(response: StreamResponse, *, body: bytes | None = None, head: bool = False) -> Any:
+def result(
+    response: StreamResponse, *, stream: StreamBuffer | None = None, head: bool = False
+) -> Any:
     """The API Gateway answer to `response`: status, headers, cookies apart, the body as
-    text when it is UTF-8, else base64 (`body` is a streamed response's bytes)."""
+    text when it is UTF-8, else base64 (a streamed response's body is in `stream`)."""
     headers: dict[str, str] = {}
     for name, value in response.headers.items():
         key = name.lower()
-        if key == "set-cookie" or key in _HOP_BY_HOP:
+        if key == "set-cookie" or key in _TRANSPORT:
             continue
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    cookies = [m.OutputString() for m in response.cookies.values()]
+    # A prepared response has its `set_cookie`s among its headers already.
+    cookies = [] if response.prepared else [m.OutputString() for m in response.cookies.values()]
     cookies += response.headers.getall("Set-Cookie", [])
-    if body is None:
+    if response.prepared and stream is not None:
+        body = stream.body
+    else:
         raw = response.body if isinstance(response, Response) else None
         body = raw if isinstance(raw, bytes) else b""
     answer: dict[str, Any] = {"statusCode": response.status, "headers": headers}
