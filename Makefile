@@ -68,10 +68,12 @@ bench: install
 
 # The serverless variant (docs/serverless.md). `sam build` runs this target for
 # serverless/template.yaml's function: the bot and its runtime dependencies (no dev, load or
-# runner extras), and the OpenAPI document /v1/openapi.json serves.
+# runner extras), compiled (/var/task is read-only: a module shipped without its .pyc is
+# compiled again by every cold start), and the OpenAPI document /v1/openapi.json serves.
 build-BotFunction:
-	$(PY) -m pip install --quiet --no-compile --target "$(ARTIFACTS_DIR)" -c constraints.txt .
+	$(PY) -m pip install --quiet --target "$(ARTIFACTS_DIR)" -c constraints.txt .
 	mkdir -p "$(ARTIFACTS_DIR)/docs" && cp docs/openapi.yaml "$(ARTIFACTS_DIR)/docs/"
+	rm -rf build  # setuptools' in-tree build directory
 
 # Cold import and per-invocation time of the Lambda handler (needs Redis and RabbitMQ).
 bench-serverless: install

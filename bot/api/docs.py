@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
-import yaml
 from aiohttp.web_response import Response
 
 if TYPE_CHECKING:
@@ -19,6 +18,9 @@ OPENAPI_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 @cache
 def openapi_json() -> bytes:
     """The document, parsed once per process."""
+    # Imported here: only this route reads YAML, and a Lambda's cold start pays every import.
+    import yaml
+
     return orjson.dumps(yaml.safe_load(OPENAPI_PATH.read_text()))
 
 
