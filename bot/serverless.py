@@ -34,13 +34,14 @@ from aiohttp.typedefs import Middleware
 from bot import metrics, runtime
 from bot.api import gateway, middleware
 from bot.api.keys import CHANNELS, HTTP, REDIS, REPLICA, SETTINGS, STATE, ReplicaState
+from bot.api.render import error_response
 from bot.api.routes import ROUTES
 from bot.api.wiring import build, replica_broker
-from bot.errors import BadRequest
+from bot.errors import BadRequest, Misconfigured
 from bot.inbox import Inbox
 from bot.logging import configure, get_logger
 from bot.retries.broker import Broker
-from bot.settings import Settings, load_settings
+from bot.settings import Settings, SettingsError, load_settings
 
 __all__ = ["Container", "handler"]
 
@@ -129,7 +130,13 @@ class _Process:
 
     async def _serve(self, event: object) -> Any:
         if self.container is None:
-            settings = load_settings()
+            try:
+                settings = load_settings()
+            except SettingsError as exc:
+                # One line naming the setting (its value may be a secret), and a JSON 503 for
+                # every invocation until a deploy fixes it (the next one reads it again).
+                log.error("settings_invalid", setting=exc.name)
+                return gateway.result(error_response(Misconfigured(exc.name)))
             configure(
                 settings.log_format, settings.log_level, settings.secrets, service="bot-lambda"
             )

@@ -580,6 +580,26 @@ def test_one_container_per_process_reused_by_every_invocation(
         asyncio.set_event_loop(None)
 
 
+def test_invalid_settings_answer_a_json_503_naming_the_setting_not_its_value(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in _environ(settings).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BOT_RATE_LIMIT", "s3cret-looking/fortnight")
+    process = _Process()
+    try:
+        res = process.run(api_event("GET", "/healthz"))
+    finally:
+        assert process.loop is not None
+        process.loop.close()
+        asyncio.set_event_loop(None)
+    assert res["statusCode"] == 503 and res["headers"]["retry-after"] == "60"
+    error = orjson.loads(res["body"])["error"]
+    assert error["code"] == "misconfigured" and "BOT_RATE_LIMIT" in error["message"]
+    assert "s3cret" not in res["body"]
+    assert process.container is None  # read again by the next invocation
+
+
 def _environ(settings: Settings) -> dict[str, str]:
     """The environment that loads `settings`' essentials (for a process of the handler's)."""
     return {
