@@ -45,7 +45,7 @@ from bot.api.keys import HTTP, REDIS, SETTINGS
 from bot.inbox import Inbox
 from bot.retries.outbox import outbox_key
 from bot.serverless import Container, _Process
-from bot.settings import Settings, load_settings
+from bot.settings import ENV_VARS, Settings, load_settings
 from bot.upstream import build_answerer
 from infra.common import free_port
 from infra.stub import create_stub_app
@@ -772,3 +772,39 @@ async def test_without_keys_only_loopback_sources_are_served_as_on_a_replica(
         assert orjson.loads(res["body"])["error"]["code"] == "api_keys_required"
         ev["requestContext"]["http"]["sourceIp"] = "127.0.0.1"
         assert (await container.serve(ev))["statusCode"] == 200
+
+
+# The settings that carry credentials (the URLs may too).
+SECRETS = (
+    "REDIS_URL",
+    "AMQP_URL",
+    "BOT_API_KEYS",
+    "UPSTREAM_API_KEY",
+    "TELEGRAM_BOT_TOKEN",
+    "TELEGRAM_WEBHOOK_SECRET",
+    "SLACK_SIGNING_SECRET",
+    "SLACK_BOT_TOKEN",
+    "DISCORD_BOT_TOKEN",
+)
+
+
+def test_the_sam_template_runs_this_handler_with_known_settings_and_secrets_by_reference() -> None:
+    """`make lint` runs cfn-lint on it; this holds it to the code: the handler's path, only
+    settings the bot reads, and every secret setting from Secrets Manager, never a value."""
+    from cfnlint.decode import decode
+
+    template, errors = decode(str(ROOT / "serverless" / "template.yaml"))
+    assert not errors and template is not None
+    function = template["Resources"]["BotFunction"]["Properties"]
+    assert function["Handler"] == "bot.serverless.handler"
+    assert template["Globals"]["Function"]["Runtime"] == "python3.11"
+    variables = function["Environment"]["Variables"]
+    assert set(variables) <= set(ENV_VARS), set(variables) - set(ENV_VARS)
+    for name in SECRETS:  # each one there, each one a reference
+        assert "resolve:secretsmanager" in orjson.dumps(variables[name]).decode(), name
+    events = function["Events"]["Everything"]["Properties"]
+    assert events["PayloadFormatVersion"] == "2.0"
+    assert function["VpcConfig"] == {
+        "SubnetIds": {"Ref": "SubnetIds"},
+        "SecurityGroupIds": {"Ref": "SecurityGroupIds"},
+    }
