@@ -7,21 +7,17 @@ answer comes later, through the delivery path. A channel whose secrets are unset
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
-from aiohttp.web_response import Response
-
 from bot import metrics
+from bot.api import web
 from bot.api.keys import CHANNELS, SETTINGS
 from bot.api.messages import parse_json, read_body, read_json
 from bot.api.render import json_response
 from bot.channels import discord, slack, telegram
 from bot.channels.intake import Intake
 from bot.errors import BadRequest, NotFound, Unauthorized
-
-if TYPE_CHECKING:
-    from aiohttp.web_request import Request
 
 TELEGRAM_ROUTE = "/channels/telegram"
 SLACK_EVENTS_ROUTE = "/channels/slack/events"
@@ -30,7 +26,7 @@ DISCORD_ROUTE = "/channels/discord/interactions"
 SLACK_ACK = {"response_type": "ephemeral", "text": "Working on it…"}
 
 
-def _intake(request: Request, channel: str) -> Intake:
+def _intake(request: web.Request, channel: str) -> Intake:
     intake = request.app[CHANNELS].intake
     if intake is None or channel not in request.app[SETTINGS].channels:
         raise NotFound(f"the {channel} channel is not enabled")
@@ -41,7 +37,7 @@ def _ignored(channel: str) -> None:
     metrics.CHANNEL_UPDATES.labels(channel, "ignored").inc()
 
 
-async def _verified(request: Request, channel: str, verify: Any) -> bytes:
+async def _verified(request: web.Request, channel: str, verify: Any) -> bytes:
     """The raw body, once `verify(headers, body)` accepted it (counted when it did not)."""
     body = await read_body(request)
     try:
@@ -52,7 +48,7 @@ async def _verified(request: Request, channel: str, verify: Any) -> bytes:
     return body
 
 
-async def post_telegram(request: Request) -> Response:
+async def post_telegram(request: web.Request) -> web.Response:
     """`POST /channels/telegram`: one Bot API update; `200 {}` once it is queued (or known)."""
     intake = _intake(request, telegram.CHANNEL)
     try:
@@ -74,7 +70,7 @@ async def post_telegram(request: Request) -> Response:
     return json_response({})
 
 
-async def post_slack_event(request: Request) -> Response:
+async def post_slack_event(request: web.Request) -> web.Response:
     """`POST /channels/slack/events`: url_verification (signed), or one event; 200 once it
     is queued, known, or ignored (bots, subtypes, other event types)."""
     intake = _intake(request, slack.CHANNEL)
@@ -101,7 +97,7 @@ async def post_slack_event(request: Request) -> Response:
     return json_response({})
 
 
-async def post_slack_command(request: Request) -> Response:
+async def post_slack_command(request: web.Request) -> web.Response:
     """`POST /channels/slack/commands`: a slash command (form body); the answer goes to its
     `response_url`."""
     intake = _intake(request, slack.CHANNEL)
@@ -118,7 +114,7 @@ async def post_slack_command(request: Request) -> Response:
     return json_response(SLACK_ACK)
 
 
-async def post_discord(request: Request) -> Response:
+async def post_discord(request: web.Request) -> web.Response:
     """`POST /channels/discord/interactions`: PING → PONG; a command → deferred (type 5),
     answered later by editing the original response."""
     intake = _intake(request, discord.CHANNEL)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import orjson
-from aiohttp.web_response import Response
 
-if TYPE_CHECKING:
-    from aiohttp.web_request import Request
+from bot.api import web
 
 OPENAPI_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 
@@ -24,5 +21,5 @@ def openapi_json() -> bytes:
     return orjson.dumps(yaml.safe_load(OPENAPI_PATH.read_text()))
 
 
-async def openapi(_: Request) -> Response:
-    return Response(body=openapi_json(), content_type="application/json")
+async def openapi(_: web.Request) -> web.Response:
+    return web.Response(body=openapi_json(), content_type="application/json")

@@ -22,12 +22,12 @@ from typing import Any
 from aiohttp.helpers import HeadersMixin
 from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler
-from aiohttp.web_response import Response, StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 from yarl import URL
 
 from bot.api.render import error_response
 from bot.api.routes import Route
+from bot.api.web import Response, StreamResponse
 from bot.errors import MAX_BODY, BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 
 PAYLOAD_VERSION = "2.0"

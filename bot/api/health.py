@@ -12,22 +12,17 @@ not pull them all; it is 503 only while draining. The dependencies are reported 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
-from aiohttp.web_response import Response
-
+from bot.api import web
 from bot.api.keys import STATE
 from bot.api.render import json_response
 
-if TYPE_CHECKING:
-    from aiohttp.web_request import Request
 
-
-async def healthz(request: Request) -> Response:
+async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-async def readyz(request: Request) -> Response:
+async def readyz(request: web.Request) -> web.Response:
     """200 unless draining; the dependencies' state is information, not a verdict."""
     state = request.app[STATE]
     if state.draining:

@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import ClientSession
-from aiohttp.helpers import AppKey
 from redis.asyncio import Redis
 
+from bot.api import web
 from bot.api.longpoll import LongPolls
 from bot.channels.discord import Verifier
 from bot.channels.intake import Intake
@@ -67,10 +67,10 @@ class Channels:
         return cls(intake, SignatureVerifier(settings.slack_signing_secret), Verifier(discord_key))
 
 
-SETTINGS = AppKey("settings", Settings)
-STATE = AppKey("state", ReplicaState)
-REDIS = AppKey("redis", Redis)
-HTTP = AppKey("http", ClientSession)
-REPLICA = AppKey("replica", Replica)
-SIGNER = AppKey("webchat_signer", SessionSigner)  # set only when BOT_WEBCHAT_SECRET is
-CHANNELS = AppKey("channels", Channels)
+SETTINGS = web.AppKey("settings", Settings)
+STATE = web.AppKey("state", ReplicaState)
+REDIS = web.AppKey("redis", Redis)
+HTTP = web.AppKey("http", ClientSession)
+REPLICA = web.AppKey("replica", Replica)
+SIGNER = web.AppKey("webchat_signer", SessionSigner)  # set only when BOT_WEBCHAT_SECRET is
+CHANNELS = web.AppKey("channels", Channels)

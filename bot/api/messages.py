@@ -9,13 +9,13 @@ after it (rare: the answer is already flowing) is an `error` event with the same
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_response import Response, StreamResponse
 
 from bot import metrics
+from bot.api import web
 from bot.api.keys import REPLICA
 from bot.api.middleware import REQUEST_ID, authorize_user, require_json
 from bot.api.render import json_response
@@ -32,9 +32,6 @@ from bot.errors import (
 )
 from bot.logging import get_logger
 
-if TYPE_CHECKING:
-    from aiohttp.web_request import Request
-
 log = get_logger(__name__)
 EVENT_STREAM = "text/event-stream"
 
@@ -42,13 +39,13 @@ EVENT_STREAM = "text/event-stream"
 STATUS: dict[OutcomeKind, int] = {"replied": 200, "queued": 202}
 
 
-async def read_json(request: Request) -> Any:
+async def read_json(request: web.Request) -> Any:
     """The request body as JSON, or a 413/415/400 error."""
     require_json(request)
     return parse_json(await read_body(request))
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(request: web.Request) -> bytes:
     """The raw request body (what a platform signed), or a 413/415/400 error."""
     # aiohttp would inflate a gzip/deflate body itself, and a corrupt one failed the read
     # (a 500); bodies are small, so none is accepted compressed (RFC 7694: 415).
@@ -75,7 +72,7 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
 
 
-async def post_message(request: Request) -> StreamResponse:
+async def post_message(request: web.Request) -> web.StreamResponse:
     try:
         payload = await read_json(request)
         msg = parse_message(payload, request[REQUEST_ID])
@@ -88,7 +85,7 @@ async def post_message(request: Request) -> StreamResponse:
     return (await answer(request, msg))[1]
 
 
-async def answer(request: Request, msg: Message) -> tuple[Outcome, Response]:
+async def answer(request: web.Request, msg: Message) -> tuple[Outcome, web.Response]:
     """Handle a parsed message: its outcome, and the JSON response that renders it."""
     service = request.app[REPLICA].service
     outcome = await service.handle(msg)
@@ -109,9 +106,9 @@ def _headers(service: BotService, outcome: Outcome) -> dict[str, str]:
 class _Relay:
     """The event stream of one request, started by its first event."""
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: web.Request) -> None:
         self.request = request
-        self.response: StreamResponse | None = None
+        self.response: web.StreamResponse | None = None
         self.gone = False  # the client went away: the answer goes on without it
 
     async def event(self, name: str, data: Any, headers: dict[str, str] | None = None) -> None:
@@ -119,7 +116,7 @@ class _Relay:
             return
         try:
             if self.response is None:
-                self.response = StreamResponse(
+                self.response = web.StreamResponse(
                     headers={
                         "Content-Type": EVENT_STREAM,
                         "Cache-Control": "no-cache",
@@ -140,7 +137,7 @@ class _Relay:
         await self.event("delta", {"text": piece})
 
 
-async def _stream(request: Request, service: BotService, msg: Any) -> StreamResponse:
+async def _stream(request: web.Request, service: BotService, msg: Any) -> web.StreamResponse:
     relay = _Relay(request)
     try:
         outcome = await service.handle(msg, relay.delta)
@@ -157,7 +154,7 @@ async def _stream(request: Request, service: BotService, msg: Any) -> StreamResp
         await relay.event("done", outcome.body, _headers(service, outcome))
     assert relay.response is not None or relay.gone
     if relay.response is None:  # gone before anything was sent
-        return Response(status=499)
+        return web.Response(status=499)
     if not relay.gone:
         await relay.response.write_eof()
     return relay.response

@@ -14,16 +14,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import structlog
-from aiohttp import web_exceptions
-from aiohttp.helpers import RequestKey
 from aiohttp.typedefs import Handler, Middleware
-from aiohttp.web_response import StreamResponse
 from redis.exceptions import RedisError
 
 from bot import metrics
+from bot.api import web
 from bot.api.keys import EVENTS_ROUTE, MESSAGES_ROUTE, REPLICA, STATE
 from bot.api.render import error_response
 from bot.api.replies import is_long_poll
@@ -44,27 +41,26 @@ from bot.errors import (
 from bot.logging import get_logger
 from bot.settings import ApiKey, IpNetwork, Settings
 
-if TYPE_CHECKING:
-    from aiohttp.web_request import Request
-
 log = get_logger(__name__)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
-REQUEST_ID = RequestKey("request_id", str)
-API_KEY = RequestKey("api_key", ApiKey)  # the key a request presented (when keys are set)
+REQUEST_ID = web.RequestKey("request_id", str)
+API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request presented (when keys are set)
 _PROBES = frozenset(("/healthz", "/readyz"))
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # What runs inside `observe`: given the request and the next handler, answers or raises.
-Gate = Callable[["Request", Handler], Awaitable[StreamResponse]]
+Gate = Callable[["web.Request", Handler], Awaitable[web.StreamResponse]]
 
 
-def _route(request: Request) -> str:
+def _route(request: web.Request) -> str:
     info = request.match_info
     if info.http_exception is not None or info.route.resource is None:
         return "unmatched"
     return info.route.resource.canonical
 
 
-async def observe(request: Request, handler: Handler, inner: Gate | None = None) -> StreamResponse:
+async def observe(
+    request: web.Request, handler: Handler, inner: Gate | None = None
+) -> web.StreamResponse:
     """Bind a request id, count and time the request, and render every error as JSON.
 
     `inner` (shedding and the key check) runs inside it, so its errors are rendered too.
@@ -91,22 +87,22 @@ async def observe(request: Request, handler: Handler, inner: Gate | None = None)
     return response
 
 
-def _error_response(request: Request, exc: Exception) -> StreamResponse:
+def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     """The JSON answer to an error a handler raised (called while it is being handled)."""
     if isinstance(exc, BotError):
         return error_response(exc)
     if isinstance(exc, RedisError):  # Redis down or refusing: the one place that says so
         log.warning("storage_unavailable", path=request.path, error=type(exc).__name__)
         return error_response(StorageUnavailable())
-    if isinstance(exc, web_exceptions.HTTPRequestEntityTooLarge):
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(PayloadTooLarge())
-    if isinstance(exc, web_exceptions.HTTPMethodNotAllowed):
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         return error_response(
             MethodNotAllowed(f"{request.method} is not allowed here", tuple(exc.allowed_methods))
         )
-    if isinstance(exc, web_exceptions.HTTPNotFound):
+    if isinstance(exc, web.HTTPNotFound):
         return error_response(NotFound("no such route"))
-    if isinstance(exc, web_exceptions.HTTPException):
+    if isinstance(exc, web.HTTPException):
         if exc.status >= 500:
             raise exc
         return error_response(HttpError(exc.status, exc.reason))
@@ -114,7 +110,7 @@ def _error_response(request: Request, exc: Exception) -> StreamResponse:
     return error_response(BotError("internal error"))
 
 
-def _never_shed(request: Request) -> bool:
+def _never_shed(request: web.Request) -> bool:
     """Probes, long polls and event streams (bounded apart: `bot.api.longpoll`)."""
     return request.path in _PROBES or request.path == EVENTS_ROUTE or is_long_poll(request)
 
@@ -126,7 +122,7 @@ def shed(max_inflight: int, inner: Gate) -> Gate:
     would get it restarted or pulled just when it is needed), nor are long polls.
     """
 
-    async def gate(request: Request, handler: Handler) -> StreamResponse:
+    async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if _never_shed(request):
             return await inner(request, handler)
         state = request.app[STATE]
@@ -157,7 +153,7 @@ def authenticate(
     keys = tuple((k.digest, k) for k in api_keys)
     guard = ClientGuard(trusted_proxies)
 
-    async def gate(request: Request, handler: Handler) -> StreamResponse:
+    async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/v1/"):
             return await handler(request)
         if not keys:
@@ -199,7 +195,7 @@ def _match(keys: tuple[tuple[bytes, ApiKey], ...], header: str) -> ApiKey:
     return found
 
 
-def authorize_user(request: Request, user_id: str) -> None:
+def authorize_user(request: web.Request, user_id: str) -> None:
     """403 when the request's key is limited to a user_id prefix that `user_id` lacks."""
     key = request.get(API_KEY)
     if key is not None and not key.allows(user_id):
@@ -208,7 +204,7 @@ def authorize_user(request: Request, user_id: str) -> None:
         )
 
 
-async def _take_key_token(request: Request, key: ApiKey) -> None:
+async def _take_key_token(request: web.Request, key: ApiKey) -> None:
     """The per-key (per-integration) limit: rotating user_ids does not get around it."""
     limiter = request.app[REPLICA].key_limiter
     if limiter is None:
@@ -240,7 +236,7 @@ class ClientGuard:
         # cost a twentieth of a replica's CPU, and a few pairs make nearly all requests.
         self._decided = lru_cache(maxsize=1024)(self._is_loopback)
 
-    def trusts_peer(self, request: Request) -> bool:
+    def trusts_peer(self, request: web.Request) -> bool:
         """Whether the TCP peer is a proxy we trust (its forwarding headers count)."""
         return self._trusted_peer(_address(request.remote))
 
@@ -257,7 +253,7 @@ class ClientGuard:
         client = self.client(peer_text, real)
         return client is not None and client.is_loopback
 
-    def is_loopback(self, request: Request) -> bool:
+    def is_loopback(self, request: web.Request) -> bool:
         return self._decided(request.remote, request.headers.get("X-Real-IP"))
 
 
@@ -285,13 +281,13 @@ def build(settings: Settings) -> Middleware:
         authenticate(settings.api_keys, settings.trusted_proxies, open_api=settings.open_api),
     )
 
-    async def middleware(request: Request, handler: Handler) -> StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await observe(request, handler, inner)
 
     return middleware
 
 
-def require_json(request: Request) -> None:
+def require_json(request: web.Request) -> None:
     """415 unless the body is declared as JSON."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType("Content-Type must be application/json")

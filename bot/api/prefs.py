@@ -6,10 +6,7 @@ when the keys the user already has are what exceeds the limit).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from aiohttp.web_response import Response
-
+from bot.api import web
 from bot.api.keys import REPLICA
 from bot.api.messages import read_json
 from bot.api.render import json_response
@@ -17,20 +14,17 @@ from bot.core.validation import check_id, check_pref_key, check_pref_value
 from bot.errors import BadRequest, Conflict
 from bot.store import MAX_PREFS, TooManyPrefs
 
-if TYPE_CHECKING:
-    from aiohttp.web_request import Request
 
-
-def _user(request: Request) -> str:
+def _user(request: web.Request) -> str:
     return check_id(request.match_info["user_id"], "user_id")
 
 
-async def get_prefs(request: Request) -> Response:
+async def get_prefs(request: web.Request) -> web.Response:
     prefs = await request.app[REPLICA].store.prefs(_user(request))
     return json_response({"prefs": prefs})
 
 
-async def put_prefs(request: Request) -> Response:
+async def put_prefs(request: web.Request) -> web.Response:
     """Merge the given preferences into the user's; all or nothing."""
     user = _user(request)
     payload = await read_json(request)
@@ -52,12 +46,12 @@ async def put_prefs(request: Request) -> Response:
     return json_response({"prefs": prefs})
 
 
-async def delete_prefs(request: Request) -> Response:
+async def delete_prefs(request: web.Request) -> web.Response:
     await request.app[REPLICA].store.del_prefs(_user(request))
-    return Response(status=204)
+    return web.Response(status=204)
 
 
-async def delete_pref(request: Request) -> Response:
+async def delete_pref(request: web.Request) -> web.Response:
     user = _user(request)
     await request.app[REPLICA].store.del_prefs(user, check_pref_key(request.match_info["key"]))
-    return Response(status=204)
+    return web.Response(status=204)

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import re
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
 
-from aiohttp.web_response import Response
-
+from bot.api import web
 from bot.api.keys import REPLICA, STATE
 from bot.api.render import json_response
 from bot.core.types import Reply
 from bot.core.validation import check_id
 from bot.errors import BadRequest
 from bot.inbox import MAX_WAIT, PAGE, valid_cursor
-
-if TYPE_CHECKING:
-    from aiohttp.web_request import Request
 
 ROUTE = "/v1/users/{user_id}/replies"
 # ASCII only: str.isdigit() and float() accept other scripts' digits, which int() or Redis
@@ -29,7 +24,7 @@ _WAIT_RE = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
 _LIMIT_RE = re.compile(r"[0-9]{1,3}")
 
 
-def one_query(request: Request, name: str) -> str | None:
+def one_query(request: web.Request, name: str) -> str | None:
     """The one value of query parameter `name`: given twice it is ambiguous, a 400."""
     values = request.query.getall(name, [])
     if len(values) > 1:
@@ -63,7 +58,7 @@ def cursor_after(raw: str | None) -> str:
     return after
 
 
-def is_long_poll(request: Request) -> bool:
+def is_long_poll(request: web.Request) -> bool:
     """A well-formed replies request with ``wait`` > 0 (the load shedder lets it by)."""
     resource = request.match_info.route.resource
     if resource is None or resource.canonical != ROUTE:
@@ -74,7 +69,7 @@ def is_long_poll(request: Request) -> bool:
         return False
 
 
-async def get_replies(request: Request) -> Response:
+async def get_replies(request: web.Request) -> web.Response:
     """Replies after the cursor, oldest first; `wait` long-polls until one arrives."""
     user = check_id(request.match_info["user_id"], "user_id")
     after = cursor_after(one_query(request, "after"))
