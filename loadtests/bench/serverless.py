@@ -36,7 +36,10 @@ from typing import Any
 import orjson
 import redis
 
+from bot.cache import cache_id
+from bot.channels.intake import dedupe_key
 from bot.settings import load_settings
+from bot.upstream import upstream_kind
 from infra.common import ROOT, drop_queues, free_port
 
 # AWS list prices (us-east-1, x86_64, on-demand; November 2026), per unit.
@@ -169,6 +172,11 @@ def _message(user: str, text: str, mid: str) -> dict[str, Any]:
     return event("POST", "/v1/messages", body, {"content-type": "application/json"})
 
 
+def _questions(tag: str, calls: int) -> list[str]:
+    """Every question the bench asks (the cache keys it leaves are theirs)."""
+    return [f"what is {tag} {i}?" for i in range(-20, calls)] + [f"what is {tag}?"]
+
+
 def _telegram(update_id: int) -> dict[str, Any]:
     update = {
         "update_id": update_id,
@@ -184,6 +192,10 @@ def _telegram(update_id: int) -> dict[str, Any]:
     return event("POST", "/channels/telegram", orjson.dumps(update), headers)
 
 
+def _update_id(tag: str, i: int) -> int:
+    return int(tag.removeprefix("slb-"), 16) % 10**6 * 10**4 + i + 20
+
+
 def invocations(tag: str, calls: int) -> dict[str, dict[str, float]]:
     """Wall and CPU time per invocation of each kind, in this (warm) process."""
     from bot.serverless import handler
@@ -193,7 +205,8 @@ def invocations(tag: str, calls: int) -> dict[str, dict[str, float]]:
         "command_echo": lambda i: _message(f"{tag}-{i % 200}", "/echo hi", f"{tag}-e{i}"),
         "question_cache_miss": lambda i: _message(f"{tag}-q{i}", f"what is {tag} {i}?", "m"),
         "question_cache_hit": lambda i: _message(f"{tag}-h{i}", f"what is {tag}?", "m"),
-        "telegram_update": lambda i: _telegram(int(uuid.uuid4().int % 10**9)),
+        # Update ids of the run's own (its tag's digits): their dedupe keys are removed after.
+        "telegram_update": lambda i: _telegram(_update_id(tag, i)),
     }
     results = {}
     for name, make in kinds.items():
@@ -278,6 +291,11 @@ def main() -> int:
         client = redis.Redis.from_url(settings.redis_url)
         for key in client.scan_iter(f"*{tag}*", count=1000):
             client.delete(key)
+        for question in _questions(tag, calls):
+            cid = cache_id(question, upstream_kind(settings))
+            client.delete(*(f"cache:{{{cid}}}:{part}" for part in ("a", "lock", "err")))
+        for i in range(-20, calls):
+            client.delete(dedupe_key("telegram", str(_update_id(tag, i))))
         client.delete(f"bot:outbox:{tag}")
     for memory in (512, 1024):
         report[f"cost_{memory}mb"] = {
