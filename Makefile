@@ -12,7 +12,8 @@ APT_PACKAGES := python3-venv curl nginx-light redis-server rabbitmq-server prome
 	prometheus-alertmanager prometheus-nginx-exporter prometheus-redis-exporter mtail wrk \
 	docker-compose chromium chromium-driver
 
-.PHONY: install system-deps up down status test lint typecheck unit loadtest bench clean
+.PHONY: install system-deps up down status test lint typecheck unit loadtest bench clean \
+	build-BotFunction bench-serverless
 
 # The Debian packages come first (order-only): the venv needs python3-venv.
 $(STAMP): pyproject.toml constraints.txt | system-deps
@@ -49,6 +50,7 @@ status:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/cfn-lint serverless/template.yaml
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -63,6 +65,19 @@ loadtest: install
 
 bench: install
 	$(BIN)/python -m loadtests.bench
+
+# The serverless variant (docs/serverless.md). `sam build` runs this target for
+# serverless/template.yaml's function: the bot and its runtime dependencies (no dev, load or
+# runner extras), compiled (/var/task is read-only: a module shipped without its .pyc is
+# compiled again by every cold start), and the OpenAPI document /v1/openapi.json serves.
+build-BotFunction:
+	$(PY) -m pip install --quiet --target "$(ARTIFACTS_DIR)" -c constraints.txt .
+	mkdir -p "$(ARTIFACTS_DIR)/docs" && cp docs/openapi.yaml "$(ARTIFACTS_DIR)/docs/"
+	rm -rf build  # setuptools' in-tree build directory
+
+# Cold import and per-invocation time of the Lambda handler (needs Redis and RabbitMQ).
+bench-serverless: install
+	$(BIN)/python -m loadtests.bench.serverless
 
 clean: down
 	rm -rf .run reports .mypy_cache .ruff_cache .pytest_cache

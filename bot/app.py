@@ -11,34 +11,23 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot import inbox_watch, metrics, runtime
-from bot.api import channels, docs, health, messages, middleware, prefs, replies, webchat
+from bot.api import middleware, webchat, wiring
 from bot.api.keys import (
     CHANNELS,
     HTTP,
-    MESSAGES_ROUTE,
     REDIS,
     REPLICA,
     SETTINGS,
     SIGNER,
     STATE,
-    Channels,
-    Replica,
     ReplicaState,
 )
-from bot.api.longpoll import LongPolls
-from bot.channels import topology as channel_topology
-from bot.channels.intake import Intake
-from bot.core.service import BotService
+from bot.api.routes import ROUTES
 from bot.errors import MAX_BODY
 from bot.inbox import Inbox
 from bot.logging import get_logger
-from bot.ratelimit import SharedLimiter
-from bot.retries.broker import Broker
-from bot.retries.outbox import Outbox, Relay
-from bot.retries.publisher import RetryQueue
+from bot.retries.outbox import Relay
 from bot.settings import Settings
-from bot.store import Store
-from bot.upstream import build_answerer, probe
 from bot.websession import SessionSigner
 
 log = get_logger(__name__)
@@ -46,7 +35,9 @@ log = get_logger(__name__)
 
 def create_app(settings: Settings) -> web.Application:
     """A bot replica: the public API plus /healthz and /readyz (metrics are served apart)."""
-    app = web.Application(middlewares=middleware.build(settings), client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[web.middleware(middleware.build(settings))], client_max_size=MAX_BODY
+    )
     app[SETTINGS] = settings
     state = app[STATE] = ReplicaState()
     # Read when scraped: nothing per request (one replica per process, so one state).
@@ -54,14 +45,12 @@ def create_app(settings: Settings) -> web.Application:
     if settings.webchat_secret:
         app[SIGNER] = SessionSigner(settings.webchat_secret)
     app.cleanup_ctx.extend([clients_ctx, replica_ctx, dependency_watch_ctx])
-    app.router.add_get("/healthz", health.healthz)
-    app.router.add_get("/readyz", health.readyz)
-    app.router.add_post(MESSAGES_ROUTE, messages.post_message)
-    app.router.add_get(replies.ROUTE, replies.get_replies)
-    app.router.add_get("/v1/openapi.json", docs.openapi)
-    prefs.add_routes(app.router)
+    for route in ROUTES:
+        if route.method == "GET":
+            app.router.add_get(route.path, route.handler)
+        else:
+            app.router.add_route(route.method, route.path, route.handler)
     webchat.add_routes(app.router)
-    channels.add_routes(app.router)
     return app
 
 
@@ -102,12 +91,7 @@ async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
     it dies mid-answer others take over at once.
     """
     settings, redis, http = app[SETTINGS], app[REDIS], app[HTTP]
-    broker = Broker.from_settings(
-        settings,
-        f"bot-replica-{settings.queue_prefix}",
-        declare_more=channel_topology.declarer(settings.queue_prefix, settings.channels),
-    )
-    outbox = Outbox(redis, settings.queue_prefix)
+    broker = wiring.replica_broker(settings, f"bot-replica-{settings.queue_prefix}")
     # Long polls wait on one blocking reader, on a connection of its own (its block outlasts
     # the shared pool's 1 s socket timeout).
     reader = runtime.make_redis(
@@ -116,43 +100,14 @@ async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
         single_connection_client=True,
     )
     watch = inbox_watch.InboxWatch(reader, redis)
-    inbox = Inbox(redis, watch)
-    store = Store.from_settings(settings, redis)
-    service = BotService.from_settings(
-        settings,
-        store,
-        build_answerer(settings, redis, http),
-        deferrer=RetryQueue.from_settings(settings, broker, outbox, redis),
-        inbox=inbox,
-    )
-
-    async def redis_ready() -> bool:
-        try:
-            async with asyncio.timeout(1.0):
-                return bool(await redis.ping())
-        except (RedisError, OSError, TimeoutError):
-            return False
-
-    async def upstream_ready() -> bool:
-        return await probe(http, settings.upstream_url)
-
-    app[REPLICA] = Replica(
-        store=store,
-        service=service,
-        inbox=inbox,
-        longpolls=LongPolls.from_settings(settings),
-        streams=LongPolls.event_streams(settings),
-        key_limiter=SharedLimiter.for_api_keys(settings, redis),
-        upstream_probe=upstream_ready,
-    )
-    intake = Intake(redis, broker, settings.queue_prefix) if settings.channels else None
-    app[CHANNELS] = Channels.from_settings(settings, intake)
-    app[STATE].readiness.extend([("redis", redis_ready), ("rabbitmq", broker.ready)])
+    parts = wiring.build(settings, redis, http, broker, Inbox(redis, watch))
+    app[REPLICA], app[CHANNELS] = parts.replica, parts.channels
+    app[STATE].readiness.extend(parts.readiness)
     log_api_access(settings)
     metrics.init()
     await broker.start()
-    async with store.heartbeat.running(), inbox_watch.running(watch):
-        relay = asyncio.create_task(Relay(outbox, broker).run())
+    async with parts.replica.store.heartbeat.running(), inbox_watch.running(watch):
+        relay = asyncio.create_task(Relay(parts.outbox, broker).run())
         yield
         await runtime.cancel_and_wait(relay)
     await broker.close()

@@ -142,6 +142,14 @@ class StorageUnavailable(Unavailable):
         super().__init__("storage is unavailable right now; try again", 5)
 
 
+class Misconfigured(Unavailable):
+    """The process's settings are invalid (a Lambda function's: it answers this until a
+    deploy fixes them). Names the setting, never its value (it may be a secret)."""
+
+    def __init__(self, setting: str) -> None:
+        super().__init__(f"setting {setting} is invalid; see the log", 60, code="misconfigured")
+
+
 class UpstreamUnavailable(Exception):
     """The upstream API failed (error, timeout, open circuit). Not an HTTP error by itself."""
 

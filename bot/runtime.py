@@ -13,16 +13,19 @@ import contextlib
 import faulthandler
 import signal
 import sys
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bot import metrics
 from bot.autopipe import AutoPipelineRedis
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 __all__ = [
     "arm_startup_deadline",
@@ -30,6 +33,7 @@ __all__ = [
     "http_client",
     "make_redis",
     "metrics_server",
+    "redis_check",
     "redis_client",
     "startup_done",
     "stop_event",
@@ -68,6 +72,19 @@ async def redis_client(url: str, **kwargs: Any) -> AsyncIterator[Redis]:
         await redis.aclose()
 
 
+def redis_check(redis: Redis) -> Callable[[], Awaitable[bool]]:
+    """A check of whether Redis answers a PING within a second (for /readyz)."""
+
+    async def ready() -> bool:
+        try:
+            async with asyncio.timeout(1.0):
+                return bool(await redis.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    return ready
+
+
 @contextlib.asynccontextmanager
 async def http_client(limit: int) -> AsyncIterator[aiohttp.ClientSession]:
     """A pooled HTTP session (at most `limit` connections) encoding JSON with orjson."""
@@ -83,6 +100,8 @@ async def http_client(limit: int) -> AsyncIterator[aiohttp.ClientSession]:
 
 def metrics_app() -> web.Application:
     """The `/metrics` endpoint alone."""
+    # Imported here: the serverless handler uses this module's clients, not aiohttp's server.
+    from aiohttp import web
 
     async def serve(_: web.Request) -> web.Response:
         body, content_type = metrics.render()
@@ -96,6 +115,8 @@ def metrics_app() -> web.Application:
 @contextlib.asynccontextmanager
 async def metrics_server(host: str, port: int) -> AsyncIterator[None]:
     """`/metrics` on a port of its own, so it is never reachable through NGINX."""
+    from aiohttp import web
+
     runner = web.AppRunner(metrics_app(), access_log=None)
     await runner.setup()
     try:

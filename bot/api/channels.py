@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl
 
-from aiohttp import web
-
 from bot import metrics
+from bot.api import web
 from bot.api.keys import CHANNELS, SETTINGS
 from bot.api.messages import parse_json, read_body, read_json
 from bot.api.render import json_response
@@ -131,10 +130,3 @@ async def post_discord(request: web.Request) -> web.Response:
         raise BadRequest("only application commands are answered", code="unsupported_interaction")
     await intake.take(update, update.message_id.removeprefix("discord:"))
     return json_response(discord.DEFERRED)
-
-
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post(TELEGRAM_ROUTE, post_telegram)
-    router.add_post(SLACK_EVENTS_ROUTE, post_slack_event)
-    router.add_post(SLACK_COMMANDS_ROUTE, post_slack_command)
-    router.add_post(DISCORD_ROUTE, post_discord)

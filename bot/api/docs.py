@@ -6,8 +6,8 @@ from functools import cache
 from pathlib import Path
 
 import orjson
-import yaml
-from aiohttp import web
+
+from bot.api import web
 
 OPENAPI_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 
@@ -15,6 +15,9 @@ OPENAPI_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 @cache
 def openapi_json() -> bytes:
     """The document, parsed once per process."""
+    # Imported here: only this route reads YAML, and a Lambda's cold start pays every import.
+    import yaml
+
     return orjson.dumps(yaml.safe_load(OPENAPI_PATH.read_text()))
 
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import web
-
+from bot.api import web
 from bot.api.keys import STATE
 from bot.api.render import json_response
 

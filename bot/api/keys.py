@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 from redis.asyncio import Redis
 
+from bot.api import web
 from bot.api.longpoll import LongPolls
 from bot.channels.discord import Verifier
 from bot.channels.intake import Intake

@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bot import metrics
+from bot.api import web
 from bot.api.keys import REPLICA
 from bot.api.middleware import REQUEST_ID, authorize_user, require_json
 from bot.api.render import json_response

@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 from functools import lru_cache
 
 import structlog
-from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
 from bot import metrics
+from bot.api import web
 from bot.api.keys import EVENTS_ROUTE, MESSAGES_ROUTE, REPLICA, STATE
 from bot.api.render import error_response
 from bot.api.replies import is_long_poll
@@ -48,7 +48,7 @@ API_KEY = web.RequestKey("api_key", ApiKey)  # the key a request presented (when
 _PROBES = frozenset(("/healthz", "/readyz"))
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # What runs inside `observe`: given the request and the next handler, answers or raises.
-Gate = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+Gate = Callable[["web.Request", Handler], Awaitable[web.StreamResponse]]
 
 
 def _route(request: web.Request) -> str:
@@ -269,19 +269,22 @@ def _address(text: str | None) -> IpAddress | None:
     return ip
 
 
-def build(settings: Settings) -> list[Middleware]:
+def build(settings: Settings) -> Middleware:
     """The replica's one middleware, configured once from the settings: `observe` around
-    `shed` around `authenticate` (one layer, not three: each layer costs every request)."""
+    `shed` around `authenticate` (one layer, not three: each layer costs every request).
+
+    A plain function of (request, handler): the aiohttp app registers it as its middleware,
+    the serverless handler (`bot.serverless`) calls it around the routed handler.
+    """
     inner = shed(
         settings.max_inflight,
         authenticate(settings.api_keys, settings.trusted_proxies, open_api=settings.open_api),
     )
 
-    @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await observe(request, handler, inner)
 
-    return [middleware]
+    return middleware
 
 
 def require_json(request: web.Request) -> None:

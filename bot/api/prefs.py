@@ -6,8 +6,7 @@ when the keys the user already has are what exceeds the limit).
 
 from __future__ import annotations
 
-from aiohttp import web
-
+from bot.api import web
 from bot.api.keys import REPLICA
 from bot.api.messages import read_json
 from bot.api.render import json_response
@@ -56,10 +55,3 @@ async def delete_pref(request: web.Request) -> web.Response:
     user = _user(request)
     await request.app[REPLICA].store.del_prefs(user, check_pref_key(request.match_info["key"]))
     return web.Response(status=204)
-
-
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_get("/v1/users/{user_id}/prefs", get_prefs)
-    router.add_put("/v1/users/{user_id}/prefs", put_prefs)
-    router.add_delete("/v1/users/{user_id}/prefs", delete_prefs)
-    router.add_delete("/v1/users/{user_id}/prefs/{key}", delete_pref)

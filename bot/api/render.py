@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from aiohttp import web
 
+from bot.api import web
 from bot.errors import BotError
 
 

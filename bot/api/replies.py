@@ -8,8 +8,7 @@ from __future__ import annotations
 import re
 from contextlib import nullcontext
 
-from aiohttp import web
-
+from bot.api import web
 from bot.api.keys import REPLICA, STATE
 from bot.api.render import json_response
 from bot.core.types import Reply
