@@ -290,7 +290,7 @@ def table() -> list[Step]:
 def table_env(upstream: Upstream, prefix: str) -> dict[str, str]:
     return {
         **channel_env(upstream),
-        **slack_env(upstream),
+        **slack_env(upstream.url),
         "BOT_API_KEYS": f"{KEY},{TG_KEY}=tg:",
         "BOT_RATE_LIMIT": "1/minute",
         "BOT_RATE_BURST": "1",
