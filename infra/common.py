@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import json
 import random
 import re
 import socket
 import sys
+import tempfile
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,12 +81,13 @@ def port_free(port: int) -> bool:
     return True
 
 
-def _ephemeral_low() -> int:
-    """The first port the kernel hands out to outgoing connections (Linux: 32768)."""
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (Linux: 32768-60999)."""
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 # Single free ports come from below the kernel's ephemeral range and below the stacks' port
@@ -96,18 +101,52 @@ _PORTS_FROM, _BLOCKS_FROM = 10000, 20000
 def free_port() -> int:
     """A free port below the stacks' blocks and the ephemeral range."""
     for _ in range(500):
-        port = random.randrange(_PORTS_FROM, min(_BLOCKS_FROM, _ephemeral_low()))
+        port = random.randrange(_PORTS_FROM, min(_BLOCKS_FROM, _ephemeral_range()[0]))
         if port_free(port):
             return port
     raise RuntimeError("no free port")
 
 
-def free_port_block(size: int = 300) -> int:
-    """A base port whose `size` following ports are all free."""
-    for _ in range(200):
-        base = random.randrange(_BLOCKS_FROM, 60000 - size, 10)
-        if all(port_free(base + i) for i in range(0, size)):
-            return base
+# Port blocks are slots of BLOCK_SIZE ports, outside the kernel's ephemeral range (an outgoing
+# connection to Redis or RabbitMQ took a stack's stub port before the stub bound it). A block
+# chosen is leased for BLOCK_LEASE_S in one file every process on the machine reads under a
+# lock, so concurrent test workers never pick the same block in the seconds before its stack
+# binds it; after that, `port_free` sees the bound ports.
+BLOCK_SIZE = 300
+BLOCK_LEASE_S = 30.0
+_LEASES = Path(tempfile.gettempdir()) / "bot-port-blocks.json"
+
+
+def _block_slots() -> list[int]:
+    low, high = _ephemeral_range()
+    below = range(_BLOCKS_FROM, low - BLOCK_SIZE + 1, BLOCK_SIZE)
+    above = range(high + 1, 65536 - BLOCK_SIZE + 1, BLOCK_SIZE)
+    return [*below, *above]
+
+
+def free_port_block(size: int = BLOCK_SIZE) -> int:
+    """A base port whose `size` (at most BLOCK_SIZE) following ports are all free, leased to
+    this caller for BLOCK_LEASE_S against every other process choosing one."""
+    if size > BLOCK_SIZE:
+        raise ValueError(f"a port block holds at most {BLOCK_SIZE} ports")
+    with open(_LEASES, "a+", encoding="utf-8") as leases:
+        fcntl.flock(leases, fcntl.LOCK_EX)
+        leases.seek(0)
+        now = time.time()
+        try:
+            held = {int(b): t for b, t in json.loads(leases.read() or "{}").items()}
+        except (ValueError, AttributeError):
+            held = {}
+        held = {b: t for b, t in held.items() if now - t < BLOCK_LEASE_S}
+        slots = [b for b in _block_slots() if b not in held]
+        random.shuffle(slots)
+        for base in slots:
+            if all(port_free(base + i) for i in range(size)):
+                held[base] = now
+                leases.seek(0)
+                leases.truncate()
+                leases.write(json.dumps(held))
+                return base
     raise RuntimeError("no free port block")
 
 

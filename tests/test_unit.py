@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from bot.core.validation import FORBIDDEN_RE, parse_message
 from bot.errors import BadRequest, RateLimited
 from bot.ratelimit import LocalLimiter, Policy
 from bot.settings import Rate, SettingsError, load_settings, parse_rate
+from infra import common
 
 
 @pytest.mark.parametrize(
@@ -152,3 +154,21 @@ def test_retry_after_rounds_up_to_whole_seconds() -> None:
     assert RateLimited("x", 0.01).retry_after == 1
     assert RateLimited("x", 1.2).retry_after == 2
     assert RateLimited("x", 3.0).retry_after == 3
+
+
+def test_port_blocks_are_leased_apart_and_outside_the_ephemeral_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every block handed out within the lease is a different one (a second chooser never gets
+    a block whose stack has not bound it yet), none overlaps the kernel's ephemeral ports, and
+    when all are leased the next caller is told so instead of sharing one."""
+    monkeypatch.setattr(common, "_LEASES", tmp_path / "leases.json")
+    low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    bases: list[int] = []
+    with pytest.raises(RuntimeError, match="no free port block"):
+        for _ in common._block_slots():  # one more call than there can be free blocks
+            bases.append(common.free_port_block())
+        common.free_port_block()
+    assert len(set(bases)) == len(bases) > 10
+    for base in bases:
+        assert base + common.BLOCK_SIZE <= low or base > high
