@@ -69,8 +69,9 @@ def sends(stack: Stack, chat: int) -> list[str]:
 
 
 def wait_sends(stack: Stack, chat: int, n: int, timeout: float = 30) -> list[str]:
+    """The chat's sends once `n` different texts are among them (a repeat is not one more)."""
     deadline = time.monotonic() + timeout
-    while len(got := sends(stack, chat)) < n and time.monotonic() < deadline:
+    while len(set(got := sends(stack, chat))) < n and time.monotonic() < deadline:
         time.sleep(0.1)
     return got
 
