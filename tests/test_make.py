@@ -112,6 +112,10 @@ def test_make_up_names_a_port_another_process_holds(
     port, name = (settings.stub_port, "stub") if answering else (free_port(), "rabbitmq")
     env = make_env if answering else {**make_env, "AMQP_URL": f"amqp://127.0.0.1:{port}/"}
     with socket.socket() as foreign:
+        if answering:
+            # As servers do: a recent stack's connections to this port, still in TIME_WAIT,
+            # do not keep a listener from binding it.
+            foreign.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         foreign.bind(("127.0.0.1", port))
         if answering:
             foreign.listen()
