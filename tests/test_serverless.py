@@ -514,6 +514,23 @@ async def test_a_base64_body_is_decoded(settings: Settings) -> None:
         assert orjson.loads(res["body"])["error"]["code"] == "invalid_body"
 
 
+async def test_the_web_chat_is_not_served_here_and_says_so_in_json(settings: Settings) -> None:
+    """docs/contract-changes.md: the web chat needs a held connection; its routes answer the
+    JSON 404 of any unknown route, never a handler's half-working answer."""
+    body = orjson.dumps({"text": "hi", "message_id": "w-1"})
+    async with container_for(settings) as container:
+        for method, path in [
+            ("POST", "/chat/session"),
+            ("POST", "/chat/messages"),
+            ("GET", "/chat/events"),
+        ]:
+            res = await container.serve(
+                api_event(method, path, body if method == "POST" else None, JSON)
+            )
+            assert res["statusCode"] == 404, (path, res)
+            assert orjson.loads(res["body"])["error"]["code"] == "not_found"
+
+
 async def test_header_names_match_in_any_case(settings: Settings) -> None:
     body = orjson.dumps({"user_id": "sl-case", "text": "/echo case"})
     async with container_for(settings) as container:
