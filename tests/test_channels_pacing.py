@@ -17,9 +17,11 @@ from typing import Any
 
 import aio_pika
 import pytest
+from redis.asyncio import Redis
 
 from bot.api.keys import SETTINGS
 from bot.channels import topology
+from bot.channels.pace import SharedPace
 from bot.channels.wire import Outbound, encode, shard
 from bot.settings import Settings, load_settings
 from infra.common import drop_queues
@@ -55,6 +57,43 @@ async def test_group_chat_paced_at_its_group_rate_private_chat_not(
     assert min(gaps) >= 0.45, gaps  # 2/second here (20/minute by default)
     # A private chat keeps its own (much faster) per-chat rate.
     assert private_sent[-1]["at"] - private_sent[0]["at"] < 0.45
+
+
+async def test_chat_pace_outlives_the_worker_that_sent_its_last_message(
+    make_app_client: MakeClient, upstream: Upstream
+) -> None:
+    """A chat that just got an answer, whose worker then restarts: the new one (no memory
+    of that send) still waits the chat's interval, kept in Redis, before its next send."""
+    env = channel_env(upstream, BOT_TELEGRAM_CHAT_RATE="30/minute")  # 2 s per chat
+    tg = await connected(await make_app_client(**env))
+    chat = new_id()
+    async with channel_worker(tg.app[SETTINGS]):
+        assert (await post(tg, update(new_id(), chat, "/echo before"))).status == 200
+        await wait_sent(upstream, chat, 1)
+        first_seen = time.monotonic()
+    async with channel_worker(tg.app[SETTINGS]):
+        assert (await post(tg, update(new_id(), chat, "/echo after"))).status == 200
+        # Restarted and given the next message well inside the interval: the wait below is
+        # the pace's, not a slow restart's.
+        assert time.monotonic() - first_seen < 1.2
+        got = await wait_sent(upstream, chat, 2)
+    assert [s["text"] for s in got] == ["before", "after"]
+    assert got[1]["at"] - got[0]["at"] >= 1.95
+
+
+async def test_pace_falls_back_to_the_process_when_redis_is_down() -> None:
+    """No Redis: the channel's pace is kept in the process (the conversation's by Delivery's
+    own), and no send waits on, or fails for, the missing schedule."""
+    down = Redis(port=free_port(), socket_connect_timeout=0.2)
+    pace = SharedPace(down, {"telegram": "token"})
+    try:
+        started = time.monotonic()
+        for _ in range(3):
+            await pace.wait("telegram", 0.2, "42", 5.0)
+        took = time.monotonic() - started
+    finally:
+        await down.aclose()
+    assert 0.35 <= took < 1.5, took  # two channel intervals; not the conversation's 5 s
 
 
 def _worker_env(settings: Settings, prefix: str) -> dict[str, str]:

@@ -106,7 +106,7 @@ def discord_headers(body: bytes, key: SigningKey = DISCORD_KEY) -> dict[str, str
     }
 
 
-def interaction(ident: str, token: str, question: str) -> bytes:
+def interaction(ident: str, token: str, question: str, user: str = "111222333444555666") -> bytes:
     return orjson.dumps(
         {
             "type": 2,
@@ -114,7 +114,7 @@ def interaction(ident: str, token: str, question: str) -> bytes:
             "application_id": APP_ID,
             "token": token,
             "channel_id": "998877665544332211",
-            "member": {"user": {"id": "111222333444555666"}},
+            "member": {"user": {"id": user}},
             "data": {
                 "name": "ask",
                 "type": 1,
@@ -407,3 +407,50 @@ async def test_slack_event_at_two_replicas_at_once_answered_once(
         await wait_sent(upstream, channel, 1, platform="slack")
         await asyncio.sleep(0.5)  # room for a second copy, if one were coming
     assert [s["text"] for s in await sent(upstream, channel, "slack")] == ["just once"]
+
+
+def limited_env(upstream: Upstream) -> dict[str, str]:
+    """Slack and Discord, and a user rate limit of two messages, then one a minute."""
+    env = channel_env(upstream, BOT_RATE_LIMIT="1/minute", BOT_RATE_BURST="1")
+    return {**env, **slack_env(upstream.url)}
+
+
+def assert_one_polite_note(texts: list[str]) -> None:
+    """Two answers, then one note for the three messages dropped in the window."""
+    assert texts[:2] == ["n0", "n1"], texts
+    assert len(texts) == 3 and "faster than I can answer" in texts[2], texts
+
+
+async def test_rate_limited_slack_user_gets_one_polite_message(
+    make_app_client: MakeClient, upstream: Upstream
+) -> None:
+    client = await connected(await make_app_client(**limited_env(upstream)))
+    channel, user = slack_channel(), "U" + uuid.uuid4().hex[:8].upper()
+    path = "/channels/slack/events"
+    async with channel_worker(client.app[SETTINGS]):
+        for i in range(5):
+            body = event("Ev" + uuid.uuid4().hex[:10], channel, f"/echo n{i}", user=user)
+            assert (await slack_post(client, path, body, slack_headers(body))).status == 200
+        await wait_sent(upstream, channel, 3, platform="slack")
+        await asyncio.sleep(0.5)  # room for a second note, if one were coming
+    assert_one_polite_note([s["text"] for s in await sent(upstream, channel, "slack")])
+
+
+async def test_rate_limited_discord_user_gets_one_polite_message(
+    make_app_client: MakeClient, upstream: Upstream
+) -> None:
+    """Each command is its own interaction: the note edits the first limited one's response,
+    the other limited ones get nothing."""
+    client = await connected(await make_app_client(**limited_env(upstream)))
+    user, tokens = snowflake(), [f"tok-{uuid.uuid4().hex}" for _ in range(5)]
+    path = "/channels/discord/interactions"
+    async with channel_worker(client.app[SETTINGS]):
+        for i, token in enumerate(tokens):
+            body = interaction(snowflake(), token, f"/echo n{i}", user=user)
+            resp = await client.post(path, data=body, headers=discord_headers(body))
+            assert resp.status == 200 and await resp.json() == {"type": 5}
+        await wait_sent(upstream, tokens[2], 1, platform="discord")
+        await asyncio.sleep(0.5)
+    edits = [await sent(upstream, token, "discord") for token in tokens]
+    assert [len(e) for e in edits] == [1, 1, 1, 0, 0]
+    assert_one_polite_note([e[0]["text"] for e in edits[:3]])

@@ -3,14 +3,14 @@ after the platform's 2xx.
 
 Each conversation is a lane (`Lanes`): its messages go one at a time, at most one per
 `chat_interval` (`group_interval` for a Telegram group), and all of a channel's sends at most
-one per `interval`, across every delivering process (`SharedPace`). A 429 pauses that lane for
-exactly the platform's retry-after (noted in Redis for `bot channels status`) while every
-other lane keeps flowing;
-5xx, timeouts and connection errors are retried in the lane with backoff and full jitter, up
-to `BOT_RETRY_MAX_ATTEMPTS`; a permanent error (403 blocked, 400 chat not found) goes to
-`<prefix>.chan.dead` at once with its reason. A record per message sent (`chan:sent:`, a day)
-makes a redelivered message (a worker died after the send) a no-op; a crash between the
-platform's 2xx and that record repeats at most that one message.
+one per `interval`; both hold across every delivering process and its restarts (`SharedPace`).
+A 429 pauses that lane for exactly the platform's retry-after (noted in Redis for `bot
+channels status`) while every other lane keeps flowing; 5xx, timeouts and connection errors
+are retried in the lane with backoff and full jitter, up to `BOT_RETRY_MAX_ATTEMPTS`; a
+permanent error (403 blocked, 400 chat not found) goes to `<prefix>.chan.dead` at once with
+its reason. A record per message sent (`chan:sent:`, a day) makes a redelivered message (a
+worker died after the send) a no-op; a crash between the platform's 2xx and that record
+repeats at most that one message.
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ class Delivery:
         if wait > 0:
             await asyncio.sleep(wait)
         self._paused.pop(out.lane, None)
-        await self.pace.wait(out.channel, pacing.interval)
+        interval = pacing.lane_interval(out.conversation)
+        await self.pace.wait(out.channel, pacing.interval, out.conversation, interval)
 
     async def _note_pause(self, out: Outbound, seconds: float) -> None:
         """Best effort: `bot channels status` lists the conversations paused right now."""
