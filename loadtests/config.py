@@ -117,6 +117,12 @@ class LoadConfig:
     report_root: str
     objectives: Objectives = field(default_factory=Objectives)
 
+    @property
+    def target_address(self) -> tuple[str, int]:
+        """NGINX's host and port, for the scenarios that speak HTTP over raw sockets."""
+        url = urlparse(self.target)
+        return url.hostname or "127.0.0.1", url.port or 80
+
     def public(self) -> dict[str, Any]:
         """The settings worth printing in a report (no secrets)."""
         out = {

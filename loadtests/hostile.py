@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import gevent
 import orjson
@@ -159,8 +158,7 @@ class HostileClients:
         self.cfg = cfg
         self.tally = tally
         self.phase = phase
-        url = urlparse(cfg.target)
-        self.target = (url.hostname or "127.0.0.1", url.port or 80)
+        self.target = cfg.target_address
         self.auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         self.group = Group()
         self.kinds: dict[str, tuple[str, Callable[[str], None]]] = {}

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 import orjson
 import psutil
@@ -187,8 +187,7 @@ def probe(cfg: LoadConfig, addresses: list[str]) -> dict[str, Any]:
     The hostile clients' own addresses included: once they behave, the stack (NGINX's
     per-address guard above all) serves them like anyone else.
     """
-    url = urlparse(cfg.target)
-    target = (url.hostname or "127.0.0.1", url.port or 80)
+    target = cfg.target_address
     auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     ok, failures = 0, []
     for addr in ["127.0.0.1", *addresses]:

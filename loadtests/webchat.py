@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import socket
 from collections.abc import Callable
-from urllib.parse import urlparse
 
 import gevent
 from gevent.pool import Group
@@ -42,8 +41,7 @@ class IdleStreams:
         self.cfg = cfg
         self.tally = tally
         self.phase = phase
-        url = urlparse(cfg.target)
-        self.target = (url.hostname or "127.0.0.1", url.port or 80)
+        self.target = cfg.target_address
         per_address = max(1, cfg.stack.edge_conn - _HEADROOM)
         count = max(1, math.ceil(cfg.webchat_streams / per_address))
         self.addresses = [f"127.0.2.{i + 1}" for i in range(count)]
