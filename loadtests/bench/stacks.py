@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import redis
 import requests
 
+from bot.retries.outbox import outbox_key
 from bot.settings import Settings, load_settings
 from infra import runner
 from infra.common import (
@@ -155,6 +157,9 @@ def private_stack(cfg: BenchConfig, tmp: Path, limiter: bool) -> Iterator[Settin
         with contextlib.redirect_stdout(io.StringIO()):
             runner.down(paths)
         drop_queues(settings)
+        # Its outbox stream too: the private stacks share the running stack's Redis.
+        with contextlib.suppress(redis.RedisError), redis.Redis.from_url(settings.redis_url) as r:
+            r.delete(outbox_key(settings.queue_prefix))
 
 
 def probe(url: str, text: str) -> requests.Response:
