@@ -407,6 +407,18 @@ def prefix() -> str:
     return f"sl-{uuid.uuid4().hex[:8]}"
 
 
+async def replay(side: Side, send: Callable[[Step], Awaitable[Answer]]) -> list[tuple[str, Answer]]:
+    """The table, step by step, through `send`: each request's answer by name; the steps that
+    act on the world (an outage, a recovery, a delivery) done on `side` in their turn."""
+    answers = []
+    for step in table():
+        if step.do is not None:
+            await step.do(side)
+            continue
+        answers.append((step.name, await send(step)))
+    return answers
+
+
 async def test_the_table_answers_alike_on_the_app_and_the_handler(
     make_app_client: MakeClient,
     upstream: Upstream,
@@ -419,24 +431,14 @@ async def test_the_table_answers_alike_on_the_app_and_the_handler(
     settings = client.app[SETTINGS]
     side = Side(upstream, redis)
     await connected(client)
-    on_app = []
-    for step in table():
-        if step.do is not None:
-            await step.do(side)
-            continue
-        on_app.append((step.name, await via_app(client, step)))
+    on_app = await replay(side, lambda step: via_app(client, step))
     await client.close()
     reset_redis_db(redis_db)
     upstream.faults(outage=False)
     side = Side(Upstream(await aiohttp_server(create_stub_app(latency_ms=0))), redis)
 
     async with container_for(replace(settings, upstream_url=side.upstream.url)) as container:
-        on_handler = []
-        for step in table():
-            if step.do is not None:
-                await step.do(side)
-                continue
-            on_handler.append((step.name, await via_handler(container, step)))
+        on_handler = await replay(side, lambda step: via_handler(container, step))
     for (name, app_answer), (_, handler_answer) in zip(on_app, on_handler, strict=True):
         assert handler_answer == app_answer, name
     # The table means something: it holds each kind of answer the contract names.
