@@ -211,6 +211,30 @@ async def test_request_id_is_echoed_and_generated(app_client: AppClient) -> None
     assert len(headers["X-Request-ID"]) >= 16
 
 
+async def test_an_ill_formed_request_id_gives_every_attempt_one_id(
+    app_client: AppClient, upstream: Upstream
+) -> None:
+    """An edge that passes the client's X-Request-ID as it is (ingress-nginx) resends a request
+    to another replica after a failure: both attempts of a message without message_id must get
+    the same id, so the second is a replay, not a second message."""
+    body = {"user_id": unique(), "text": f"question {unique()}"}
+    calls = upstream.stats().calls
+    ids, replayed = set(), []
+    for _ in range(2):
+        status, answer, headers = await say(app_client, body, **{"X-Request-ID": "bad id!"})
+        assert status == 200, answer
+        ids.add(headers["X-Request-ID"])
+        assert answer["message_id"] == headers["X-Request-ID"]
+        replayed.append(headers.get("Idempotent-Replayed"))
+    [rid] = ids
+    assert rid != "bad id!" and rid.isascii() and " " not in rid
+    assert replayed == [None, "true"]
+    assert upstream.stats().calls == calls + 1
+    # another ill-formed id is another request
+    _, _, headers = await say(app_client, body, **{"X-Request-ID": "bad id?"})
+    assert headers["X-Request-ID"] not in (rid, "bad id?")
+
+
 async def test_replay_returns_first_body(app_client: AppClient, upstream: Upstream) -> None:
     body = {"user_id": unique(), "text": f"question {unique()}", "message_id": unique("m")}
     status, first, headers = await say(app_client, body)

@@ -58,6 +58,20 @@ def _route(request: web.Request) -> str:
     return info.route.resource.canonical
 
 
+def _request_id(given: str) -> str:
+    """The request's id: the client's (or the edge's) when well formed; for an ill-formed one,
+    an id derived from it, the same on every attempt of the request (an edge that passes the
+    client's header as it is, like ingress-nginx, resends it to another replica after a
+    failure: a fresh id there would make one message two); a fresh one when there is none."""
+    if _REQUEST_ID_RE.fullmatch(given):
+        return given
+    if not given:
+        return uuid.uuid4().hex
+    # surrogatepass: the header's raw non-UTF-8 bytes arrive as surrogates
+    digest = hashlib.blake2b(given.encode("utf-8", "surrogatepass"), digest_size=16)
+    return "x-" + digest.hexdigest()
+
+
 async def observe(
     request: web.Request, handler: Handler, inner: Gate | None = None
 ) -> web.StreamResponse:
@@ -65,9 +79,7 @@ async def observe(
 
     `inner` (shedding and the key check) runs inside it, so its errors are rendered too.
     """
-    rid = request.headers.get("X-Request-ID", "")
-    if not _REQUEST_ID_RE.fullmatch(rid):
-        rid = uuid.uuid4().hex
+    rid = _request_id(request.headers.get("X-Request-ID", ""))
     request[REQUEST_ID] = rid
     structlog.contextvars.bind_contextvars(request_id=rid)
     started = time.perf_counter()
