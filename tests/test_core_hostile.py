@@ -260,8 +260,9 @@ def test_resend_after_a_replica_is_killed_mid_question_is_answered_in_seconds_on
     resp = result["r"]
     assert resp.status_code == 200, resp.text
     assert body["text"] in resp.json()["reply"]
-    # Before: the resend waited for the dead replica's claim to lapse (about 9 s).
-    assert waited < 4.0, waited
+    # Before: the resend waited for the dead replica's claim to lapse (about 9 s). The issue's
+    # bound is 3 s; the heartbeat's 1.5 s lease makes it about 2 s here.
+    assert waited < 3.0, waited
     # The dead replica's call was lost with it; one more, and one reply stored, once.
     assert calls == 2
     replay = post(stack.url + "/v1/messages", body)
