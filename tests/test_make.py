@@ -18,7 +18,7 @@ import pytest
 
 from bot.settings import load_settings
 from infra import observability, programs, users
-from infra.common import ROOT, Paths, answers, free_port
+from infra.common import ROOT, VENV_BIN, Paths, answers, free_port
 from infra.programs import EPMD_PORT_FILE
 from tests.conftest import OWNER
 from tests.support import claim_redis_db, release_redis_db, stack_dir, stack_env
@@ -41,6 +41,14 @@ def processes_under(run_dir: Path) -> list[str]:
         if str(run_dir) in cmdline:
             found.append(f"{proc.info['pid']}: {cmdline[:160]}")
     return found
+
+
+def supervised_pids(env: dict[str, str]) -> dict[str, int]:
+    """`make status`'s processes: name -> pid."""
+    status = make("status", env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    rows = (line.split() for line in status.stdout.splitlines() if "pid=" in line)
+    return {row[0]: int(row[2].removeprefix("pid=")) for row in rows if row[2] != "pid=-"}
 
 
 @pytest.fixture
@@ -70,6 +78,16 @@ def test_make_up_prints_its_urls_once_prometheus_lists_its_targets(
     # Someone opening Prometheus now finds every target it was given.
     paths = Paths(Path(env["BOT_RUN_DIR"]))
     assert observability.targets_loaded(settings, paths), "Prometheus lists no targets yet"
+    # Without keys, one line says who /v1 answers (issue 15, item 10).
+    said = [line for line in up.stdout.splitlines() if "/v1/* answers" in line]
+    assert len(said) == 1 and "loopback clients only" in said[0], up.stdout
+    # Run as root, only NGINX's master keeps root: replicas, worker, stub, Prometheus,
+    # Alertmanager and every exporter run unprivileged (item 11).
+    if os.geteuid() == 0 and users.reaches(users.RUN_USER, VENV_BIN / "python"):
+        pids = supervised_pids(env)
+        assert {"bot-1", "worker", "stub", "prometheus", "nginx-exporter"} <= set(pids), pids
+        rooted = {name for name, pid in pids.items() if 0 in psutil.Process(pid).uids()}
+        assert rooted == {"nginx"}, rooted
 
 
 def test_make_up_status_down_with_its_own_rabbitmq_leave_nothing(
