@@ -585,11 +585,7 @@ def test_one_container_per_process_reused_by_every_invocation(
         assert container.app[REDIS] is redis and container.app[HTTP] is http
         assert orjson.loads(second["body"])["dependencies"] == {"redis": True, "rabbitmq": True}
     finally:
-        if process.container is not None and process.loop is not None:
-            process.loop.run_until_complete(process.container.close())
-        if process.loop is not None:
-            process.loop.close()
-        asyncio.set_event_loop(None)
+        process.close()
 
 
 def test_invalid_settings_answer_a_json_503_naming_the_setting_not_its_value(
@@ -602,9 +598,7 @@ def test_invalid_settings_answer_a_json_503_naming_the_setting_not_its_value(
     try:
         res = process.run(api_event("GET", "/healthz"))
     finally:
-        assert process.loop is not None
-        process.loop.close()
-        asyncio.set_event_loop(None)
+        process.close()
     assert res["statusCode"] == 503 and res["headers"]["retry-after"] == "60"
     error = orjson.loads(res["body"])["error"]
     assert error["code"] == "misconfigured" and "BOT_RATE_LIMIT" in error["message"]

@@ -198,7 +198,7 @@ def _update_id(tag: str, i: int) -> int:
 
 def invocations(tag: str, calls: int) -> dict[str, dict[str, float]]:
     """Wall and CPU time per invocation of each kind, in this (warm) process."""
-    from bot.serverless import handler
+    from bot.serverless import handler, shutdown
 
     kinds: dict[str, Callable[[int], dict[str, Any]]] = {
         "healthz": lambda i: event("GET", "/healthz", None, {}),
@@ -227,6 +227,7 @@ def invocations(tag: str, calls: int) -> dict[str, dict[str, float]]:
             "wall_p99_ms": walls[int(len(walls) * 0.99) - 1] * 1000,
             "cpu_mean_ms": statistics.fmean(cpus) * 1000,
         }
+    shutdown()
     return results
 
 
