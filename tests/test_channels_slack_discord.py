@@ -83,7 +83,7 @@ async def slack_post(
     return await client.post(path, data=body, headers={**headers, "Content-Type": kind})
 
 
-def slash_form(upstream: Upstream, hook: str, text: str) -> dict[str, str]:
+def slash_form(stub_url: str, hook: str, text: str) -> dict[str, str]:
     """A slash command's form as Slack posts it, answered on the stub's response_url."""
     return {
         "team_id": "T0TEAM",
@@ -92,7 +92,7 @@ def slash_form(upstream: Upstream, hook: str, text: str) -> dict[str, str]:
         "command": "/bot",
         "text": text,
         "trigger_id": "trig." + hook,
-        "response_url": f"{upstream.url}/slack/hooks/{hook}",
+        "response_url": f"{stub_url}/slack/hooks/{hook}",
     }
 
 
@@ -181,7 +181,7 @@ async def test_slack_slash_command_answered_on_its_response_url(
     client: AppClient, upstream: Upstream
 ) -> None:
     hook = uuid.uuid4().hex
-    form = slash_form(upstream, hook, "/echo slash")
+    form = slash_form(upstream.url, hook, "/echo slash")
     body = urlencode(form).encode()
     async with channel_worker(client.app[SETTINGS]):
         resp = await slack_post(
@@ -319,7 +319,7 @@ async def test_slack_and_discord_acked_within_3s_while_the_upstream_hangs(
     started = time.monotonic()
     resp = await slack_post(client, "/channels/slack/events", body, slack_headers(body))
     assert resp.status == 200 and time.monotonic() - started < 3.0
-    form = slash_form(upstream, uuid.uuid4().hex, "what is a quasar?")
+    form = slash_form(upstream.url, uuid.uuid4().hex, "what is a quasar?")
     body = urlencode(form).encode()
     started = time.monotonic()
     resp = await slack_post(

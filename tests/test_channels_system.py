@@ -1,30 +1,39 @@
 """Chat channels on a real stack (NGINX, 3 replicas, the worker, the stub as Telegram's Bot
 API, Slack's Web API and Discord's) on a Redis of its own, which the last test stops: the
 worker killed mid-stream loses nothing (Telegram, Slack, Discord), a deferred answer reaches
-its chat, Redis away means 503 and then exactly once."""
+its chat, hostile bytes in anything a webhook reads get a JSON 4xx (and the next user is
+answered), the webhooks serve non-loopback clients without BOT_API_KEYS, Redis away means 503
+and then exactly once."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlencode
 
+import orjson
 import pytest
 import requests
 
 from tests.support import PrivateRedis, Stack, stack_dir, stack_env
 from tests.test_channels import HEADER, SECRET, TOKEN, new_id, update
 from tests.test_channels_slack_discord import (
+    SLACK_SECRET,
     discord_headers,
     event,
     interaction,
     slack_channel,
     slack_env,
     slack_headers,
+    slash_form,
     snowflake,
 )
+from tests.test_hostile_api import _non_loopback_address, assert_json_error, raw, send_json
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +177,157 @@ def test_deferred_answer_reaches_its_chat(tgstack: tuple[Stack, PrivateRedis]) -
         stack.faults(outage=False)
     got = wait_sends(stack, chat, 1)
     assert len(got) == 1 and "You asked: what is a quasar?" in got[0]
+
+
+# Hostile bytes at the webhooks, through NGINX ---------------------------------------------------
+
+TG, EVENTS = "/channels/telegram", "/channels/slack/events"
+COMMANDS, DISCORD = "/channels/slack/commands", "/channels/discord/interactions"
+TG_BODY = orjson.dumps(update(1, 1, "/echo never taken"))
+EVENT_BODY = event("Ev0hostile", "C0HOSTILE", "/echo never taken")
+COMMAND_BODY = urlencode(slash_form("https://hooks.slack.com", "h", "/echo never taken")).encode()
+DISCORD_BODY = interaction("1", "tok-hostile", "/echo never taken")
+BAD_DISCORD = orjson.loads(DISCORD_BODY)
+
+
+def signed(path: str, body: bytes) -> dict[str, str]:
+    """The headers its platform sends with `body`: the secret, or a fresh signature of it."""
+    if path == TG:
+        return {HEADER: SECRET, "Content-Type": "application/json"}
+    if path == DISCORD:
+        return discord_headers(body)
+    kind = "application/x-www-form-urlencoded" if path == COMMANDS else "application/json"
+    # Slack's v0 signature by hand: slack_sdk's signer takes only bodies that decode as UTF-8.
+    stamp = str(int(time.time()))
+    mac = hmac.new(SLACK_SECRET.encode(), b"v0:" + stamp.encode() + b":" + body, hashlib.sha256)
+    return {
+        "X-Slack-Request-Timestamp": stamp,
+        "X-Slack-Signature": "v0=" + mac.hexdigest(),
+        "Content-Type": kind,
+    }
+
+
+def webhook_request(path: str, body: bytes, odd: dict[str, bytes] | None = None) -> bytes:
+    """A raw POST of `body`, signed as its platform would, then `odd` header values as is."""
+    headers = {k: v.encode() for k, v in signed(path, body).items()} | (odd or {})
+    lines = [b"POST " + path.encode() + b" HTTP/1.1", b"Host: bot", b"Connection: close"]
+    lines += [k.encode() + b": " + v for k, v in headers.items()]
+    lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+# (route, body, header values replaced by raw bytes, status, error code). Every header each
+# route reads, and bodies that are not what the platform sends (signed all the same: only the
+# platform, or whoever holds its secret, gets that far).
+HOSTILE_WEBHOOKS = [
+    (TG, TG_BODY, {HEADER: b"\xff\xfe"}, 401, "unauthorized"),
+    (TG, TG_BODY, {HEADER: SECRET.encode() + b"\xc3\xa9"}, 401, "unauthorized"),
+    (TG, TG_BODY, {HEADER: b"\xed\xa0\x80"}, 401, "unauthorized"),  # an encoded surrogate
+    (TG, TG_BODY, {"Content-Type": b"text/\xff"}, 415, "unsupported_media_type"),
+    (TG, TG_BODY, {"Content-Encoding": b"\xff"}, 415, "unsupported_content_encoding"),
+    (TG, b"[1]", {}, 400, "invalid_body"),
+    (TG, b'{"update_id":"7"}', {}, 400, "invalid_body"),
+    (TG, b'{"update_id":true}', {}, 400, "invalid_body"),
+    (TG, b'{"update_id":18446744073709551616}', {}, 400, "invalid_body"),
+    (TG, b'{"update_id":1e999}', {}, 400, "invalid_json"),
+    (TG, b'{"update_id":1,"message":{"text":"\\ud800"}}', {}, 400, "invalid_json"),
+    (TG, b"\xff\xfe{}", {}, 400, "invalid_json"),
+    (EVENTS, EVENT_BODY, {"X-Slack-Signature": b"v0=\xff\xfe"}, 401, "unauthorized"),
+    (EVENTS, EVENT_BODY, {"X-Slack-Signature": b"v0=" + b"0" * 63 + b"\xc3\xa9"}, 401, None),
+    (EVENTS, EVENT_BODY, {"X-Slack-Request-Timestamp": b"\xc2\xb2"}, 401, "unauthorized"),
+    (EVENTS, EVENT_BODY, {"X-Slack-Request-Timestamp": b"\xd9\xa3" * 10}, 401, "unauthorized"),
+    (EVENTS, EVENT_BODY, {"X-Slack-Request-Timestamp": b"9" * 400}, 401, "unauthorized"),
+    (EVENTS, EVENT_BODY, {"X-Slack-Request-Timestamp": b"9" * 5000}, 401, "unauthorized"),
+    (EVENTS, EVENT_BODY, {"X-Slack-Request-Timestamp": b"\xff"}, 401, "unauthorized"),
+    (EVENTS, b"[]", {}, 400, "invalid_body"),
+    (EVENTS, b"\xff", {}, 400, "invalid_json"),
+    (EVENTS, b'{"type":"event_callback","event_id":["x"],"event":"y"}', {}, 400, "invalid_body"),
+    (EVENTS, b'{"type":"url_verification","challenge":7}', {}, 400, "invalid_body"),
+    (COMMANDS, b"team_id=\xff\xfe", {}, 400, "invalid_body"),
+    (COMMANDS, b"%FF%FE=%00&team_id=%ED%A0%80", {}, 400, "invalid_body"),
+    (COMMANDS, COMMAND_BODY.replace(b"hooks.slack.com", b"%5B%3A%3A1"), {}, 400, "invalid_body"),
+    (DISCORD, DISCORD_BODY, {"X-Signature-Ed25519": b"\xff" * 64}, 401, "unauthorized"),
+    (DISCORD, DISCORD_BODY, {"X-Signature-Ed25519": b"0" * 126 + b"\xc3\xa9"}, 401, None),
+    (DISCORD, DISCORD_BODY, {"X-Signature-Timestamp": b"\xff\xfe"}, 401, "unauthorized"),
+    (DISCORD, b"[]", {}, 400, "invalid_body"),
+    (DISCORD, b'{"type":true}', {}, 400, "invalid_body"),
+    (DISCORD, orjson.dumps({**BAD_DISCORD, "data": {"name": 5}}), {}, 400, "invalid_body"),
+    (
+        DISCORD,
+        orjson.dumps({**BAD_DISCORD, "data": {"name": "ask", "options": 5}}),
+        {},
+        400,
+        "invalid_body",
+    ),
+]
+
+
+def answered(stack: Stack, path: str) -> None:
+    """A good request from a new user on `path` is taken and its answer sent."""
+    mark = uuid.uuid4().hex[:12]
+    if path == TG:
+        chat = new_id()
+        deliver(stack, update(new_id(), chat, f"/echo {mark}"))
+        assert wait_sends(stack, chat, 1) == [mark]
+        return
+    platform = "discord" if path == DISCORD else "slack"
+    if path == EVENTS:
+        where = slack_channel()
+        body = event("Ev" + uuid.uuid4().hex[:10], where, f"/echo {mark}", user="U" + where)
+    elif path == COMMANDS:
+        hook = uuid.uuid4().hex
+        where = f"hook:{hook}"
+        body = urlencode(slash_form(stack.stub_url, hook, f"/echo {mark}")).encode()
+    else:
+        where = "tok-" + uuid.uuid4().hex
+        body = interaction(snowflake(), where, f"/echo {mark}", user=snowflake())
+    deliver_signed(stack, path, body, lambda b: signed(path, b))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        got = [s["text"] for s in platform_sends(stack, platform) if s["conversation"] == where]
+        if got:
+            break
+        time.sleep(0.05)
+    assert got == [mark]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "odd", "status", "code"),
+    HOSTILE_WEBHOOKS,
+    ids=[f"{p.rsplit('/', 1)[-1]}-{i}" for i, (p, *_) in enumerate(HOSTILE_WEBHOOKS)],
+)
+def test_hostile_bytes_at_a_webhook_get_4xx_json_never_5xx(
+    tgstack: tuple[Stack, PrivateRedis],
+    path: str,
+    body: bytes,
+    odd: dict[str, bytes],
+    status: int,
+    code: str | None,
+) -> None:
+    """Raw bytes as NGINX passes them (non-UTF-8 in a header included): the replica's JSON
+    error, 401 for what is not the platform, 400 for what is not its update; and the route
+    still answers the next user."""
+    stack, _ = tgstack
+    got, _, answer = raw(stack.settings.public_port, webhook_request(path, body, odd))
+    assert_json_error(got, answer, status, code or "unauthorized")
+    answered(stack, path)
+
+
+def test_webhooks_answer_non_loopback_clients_without_api_keys(
+    tgstack: tuple[Stack, PrivateRedis],
+) -> None:
+    """Without BOT_API_KEYS the /v1 routes serve loopback clients only; the platforms' webhooks
+    (verified by their own secrets) are reached from any address."""
+    stack, _ = tgstack
+    address, port = _non_loopback_address(), stack.settings.public_port
+    chat = new_id()
+    body = orjson.dumps(update(new_id(), chat, "/echo from afar"))
+    status, _, answer = raw(port, webhook_request(TG, body), host=address, source=address)
+    assert (status, orjson.loads(answer)) == (200, {})
+    assert wait_sends(stack, chat, 1) == ["from afar"]
+    message = send_json(b"/v1/messages", b'{"user_id":"u1","text":"/echo hi"}')
+    status, _, answer = raw(port, message, host=address, source=address)
+    assert_json_error(status, answer, 403, "api_keys_required")
 
 
 def test_redis_down_is_503_then_processed_once(tgstack: tuple[Stack, PrivateRedis]) -> None:

@@ -45,11 +45,28 @@ def test_slack_signature_made_by_slack_sdk_is_accepted(skew: int) -> None:
         {},
         {"X-Slack-Request-Timestamp": "abc", "X-Slack-Signature": "v0=00"},
         {"X-Slack-Request-Timestamp": "1000", "X-Slack-Signature": "v0=00"},
+        # Each of these raised something else (a 500): str.isdigit() passes "²", which int()
+        # refuses; 400 digits overflow the float arithmetic, 5000 int()'s digit limit; a
+        # header's non-UTF-8 byte reaches the verifier as a surrogate (aiohttp), and a
+        # serverless event's JSON may carry a lone one.
+        {"X-Slack-Request-Timestamp": "\u00b2", "X-Slack-Signature": "v0=00"},
+        {"X-Slack-Request-Timestamp": "9" * 400, "X-Slack-Signature": "v0=00"},
+        {"X-Slack-Request-Timestamp": "9" * 5000, "X-Slack-Signature": "v0=00"},
+        {"X-Slack-Request-Timestamp": "\u0661" * 10, "X-Slack-Signature": "v0=00"},
+        {"X-Slack-Request-Timestamp": str(int(time.time())), "X-Slack-Signature": "v0=\udcff"},
+        {"X-Slack-Request-Timestamp": str(int(time.time())), "X-Slack-Signature": "\ud800"},
     ],
 )
 def test_slack_signature_refused(headers: dict[str, str]) -> None:
     with pytest.raises(Unauthorized):
         slack.SignatureVerifier(SECRET).verify(headers, b"{}")
+
+
+@pytest.mark.parametrize("presented", [None, "", "\udcff\udcfe", "s3cret\u00e9", "\ud800"])
+def test_telegram_secret_refused_whatever_the_header_holds(presented: str | None) -> None:
+    settings = load_settings({"TELEGRAM_WEBHOOK_SECRET": "s3cret"}, dotenv=Path("/dev/null"))
+    with pytest.raises(Unauthorized):
+        tg.verify(settings, presented)
 
 
 def test_slack_stale_timestamp_refused_even_when_signed() -> None:
@@ -75,6 +92,8 @@ def test_discord_signature_by_pynacl() -> None:
         {},
         {**good, "X-Signature-Timestamp": "1700000001"},
         {**good, "X-Signature-Ed25519": "nothex"},
+        {**good, "X-Signature-Ed25519": "\udcff" * 128},
+        {**good, "X-Signature-Timestamp": "\ud800"},
     ):
         with pytest.raises(Unauthorized):
             verifier.verify(bad, body)
@@ -116,6 +135,11 @@ def test_slack_event_parsing_ignores_bots_and_subtypes() -> None:
     assert slack.parse_event({**base, "event": {**msg, "subtype": "bot_message"}}) == ("Ev1", None)
     assert slack.parse_event({**base, "event": {"type": "reaction_added"}}) == ("Ev1", None)
     assert slack.parse_event({"type": "event_callback"}) is None
+    form = {"team_id": "T1", "user_id": "U1", "channel_id": "C1", "trigger_id": "t"}
+    hosts = slack.allowed_hosts("https://slack.com/api")
+    assert slack.parse_command({**form, "response_url": "https://hooks.slack.com/x"}, hosts)
+    for url in ("https://[::1", "https://[abc]/x", "http://169.254.169.254/"):  # urlsplit raised
+        assert slack.parse_command({**form, "response_url": url}, hosts) is None
 
 
 def test_discord_interaction_parsing() -> None:
@@ -134,6 +158,11 @@ def test_discord_interaction_parsing() -> None:
     assert discord.parse_interaction({"type": 1}) == (1, None)
     assert discord.parse_interaction({**data, "id": 42}) is None
     assert discord.parse_interaction([]) is None
+    assert discord.parse_interaction({"type": True}) is None  # not a PING (true == 1)
+    for options in (5, True, "abc", {"value": "x"}):  # iterating 5 raised (a 500)
+        assert (
+            discord.parse_interaction({**data, "data": {"name": "ask", "options": options}}) is None
+        )
 
 
 def test_wire_round_trip_and_refusals() -> None:

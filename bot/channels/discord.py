@@ -16,7 +16,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from bot.channels.sending import JSON_HEADERS, Sent, call, classify, json_object
-from bot.channels.wire import Inbound, Outbound
+from bot.channels.wire import Inbound, Outbound, header_bytes
 from bot.errors import Unauthorized
 
 CHANNEL = "discord"
@@ -46,10 +46,12 @@ class Verifier:
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
         """Raises `Unauthorized` unless the request is signed by the application's key."""
-        stamp = headers.get("X-Signature-Timestamp", "")
+        stamp = header_bytes(headers.get("X-Signature-Timestamp"))
         try:
+            # fromhex refuses any non-hex character (a surrogate included) with a ValueError,
+            # and PyNaCl a signature of the wrong length with its ValueError.
             signature = bytes.fromhex(headers.get("X-Signature-Ed25519", ""))
-            self._key.verify(stamp.encode() + body, signature)
+            self._key.verify(stamp + body, signature)
         except (ValueError, BadSignatureError):
             raise Unauthorized("missing or wrong X-Signature-Ed25519") from None
 
@@ -60,9 +62,9 @@ def _snowflake(value: Any) -> str | None:
 
 def parse_interaction(data: Any) -> tuple[int, Inbound | None] | None:
     """(type, the command as a message or None) for an interaction; None when malformed."""
-    if not isinstance(data, dict) or not isinstance(data.get("type"), int):
+    kind = data.get("type") if isinstance(data, dict) else None
+    if not isinstance(kind, int) or isinstance(kind, bool):  # true == 1 would be a PING
         return None
-    kind: int = data["type"]
     if kind != APPLICATION_COMMAND:
         return kind, None
     ident, token = _snowflake(data.get("id")), data.get("token")
@@ -76,6 +78,8 @@ def parse_interaction(data: Any) -> tuple[int, Inbound | None] | None:
     if not isinstance(command, dict) or not isinstance(command.get("name"), str):
         return None
     options = command.get("options") or []
+    if not isinstance(options, list):
+        return None
     values = [str(o.get("value", "")) for o in options if isinstance(o, dict)]
     name = command["name"]
     text = " ".join(values) if name == "ask" else " ".join([f"/{name}", *values])

@@ -20,13 +20,14 @@ import aiohttp
 import orjson
 
 from bot.channels.sending import JSON_HEADERS, Sent, call, classify
-from bot.channels.wire import Inbound, Outbound
+from bot.channels.wire import Inbound, Outbound, header_bytes
 from bot.errors import Unauthorized
 
 CHANNEL = "slack"
 MAX_SKEW = 300
 _MENTION_RE = re.compile(r"^\s*<@[A-Z0-9]+>\s*")
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_STAMP_RE = re.compile(r"[0-9]{1,16}")  # Unix seconds
 # Web API errors that no retry can fix (the rest of `ok: false` are retried as transient).
 _PERMANENT = frozenset(
     {
@@ -60,12 +61,14 @@ class SignatureVerifier:
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
         """Raises `Unauthorized` unless signed by the secret within the last 300 s."""
         stamp = headers.get("X-Slack-Request-Timestamp", "")
-        given = headers.get("X-Slack-Signature", "")
-        if not stamp.isdigit() or abs(self._clock() - int(stamp)) > MAX_SKEW:
+        # ASCII digits of a sane length only: `str.isdigit()` passes "²" (which int() refuses)
+        # and int() takes Arabic-Indic digits; thousands of digits overflow the float
+        # arithmetic (or int()'s digit limit).
+        if not _STAMP_RE.fullmatch(stamp) or abs(self._clock() - int(stamp)) > MAX_SKEW:
             raise Unauthorized("missing or stale X-Slack-Request-Timestamp")
         base = b"v0:" + stamp.encode() + b":" + body
-        expected = "v0=" + hmac.new(self._secret, base, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected.encode(), given.encode()):
+        expected = b"v0=" + hmac.new(self._secret, base, hashlib.sha256).hexdigest().encode()
+        if not hmac.compare_digest(expected, header_bytes(headers.get("X-Slack-Signature"))):
             raise Unauthorized("missing or wrong X-Slack-Signature")
 
 
@@ -105,8 +108,11 @@ def parse_command(
     team, user = _ident(form.get("team_id")), _ident(form.get("user_id"))
     channel, trigger = _ident(form.get("channel_id")), form.get("trigger_id", "")
     url, text = form.get("response_url", ""), form.get("text", "")
-    parts = urlsplit(url)
     if team is None or user is None or channel is None or not trigger:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "https://[::1": an unclosed or invalid bracketed host
         return None
     if parts.scheme not in ("https", "http") or parts.netloc not in allowed_hosts:
         return None

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from bot.channels.sending import JSON_HEADERS, Sent, call, classify, json_object
-from bot.channels.wire import Inbound, Outbound
+from bot.channels.wire import Inbound, Outbound, header_bytes
 from bot.errors import Unauthorized
 from bot.settings import Settings
 
@@ -23,8 +23,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 def verify(settings: Settings, presented: str | None) -> None:
     """The webhook's secret token, compared in constant time; `Unauthorized` otherwise."""
     expected = settings.telegram_webhook_secret.encode()
-    given = (presented or "").encode()
-    if not hmac.compare_digest(expected, given):
+    if not hmac.compare_digest(expected, header_bytes(presented)):
         raise Unauthorized("missing or wrong X-Telegram-Bot-Api-Secret-Token")
 
 

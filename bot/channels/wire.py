@@ -1,5 +1,5 @@
 """What the channel queues carry: an update to answer (`Inbound`), a message to send
-(`Outbound`). Plain data and strict codecs, no I/O."""
+(`Outbound`). Plain data and strict codecs, no I/O; and the bytes a webhook's header verifies."""
 
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ class Outbound:
     @property
     def lane(self) -> str:
         return f"{self.channel}:{self.conversation}"
+
+
+def header_bytes(value: str | None) -> bytes:
+    """A request header's value as bytes to verify: any str encodes, so a hostile byte only
+    fails the comparison it is in (a 401), never the request (a 500).
+
+    aiohttp hands a header's non-UTF-8 bytes over as surrogates (`surrogateescape`), which
+    a plain `.encode()` refuses; `surrogatepass` also takes a lone surrogate from elsewhere
+    (a serverless event's JSON)."""
+    return (value or "").encode("utf-8", "surrogatepass")
 
 
 def shard(lane: str) -> int:
