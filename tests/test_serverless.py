@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import os
 import re
 import subprocess
@@ -498,6 +499,45 @@ async def test_a_rest_api_event_is_refused_with_a_400_naming_the_format(
             "1.0 (REST API)"
             in orjson.loads((await container.serve(rest))["body"])["error"]["message"]
         )
+
+
+def _malformed_events() -> dict[str, dict[str, Any]]:
+    """Events API Gateway never makes, as a direct invoke could: wrong types, lone surrogates."""
+    good = api_event("POST", "/v1/messages", orjson.dumps({"user_id": "u", "text": "hi"}), JSON)
+    edits: dict[str, Callable[[dict[str, Any]], object]] = {
+        "body a lone surrogate": lambda e: e.update(body='{"user_id":"u","text":"\ud800"}'),
+        "body a number": lambda e: e.update(body=5),
+        "base64 body a number": lambda e: e.update(body=5, isBase64Encoded=True),
+        "path a lone surrogate": lambda e: e.update(rawPath="/v1/users/\ud800/prefs"),
+        "path a number": lambda e: e.update(rawPath=5),
+        "query a lone surrogate": lambda e: e.update(rawQueryString="limit=\ud800"),
+        "header a lone surrogate": lambda e: e["headers"].update({"x-request-id": "\udcff"}),
+        "header a number": lambda e: e["headers"].update({"x-n": 5}),
+        "headers a list": lambda e: e.update(headers=["x"]),
+        "cookies a string": lambda e: e.update(cookies="a=b"),
+        "cookies numbers": lambda e: e.update(cookies=[1]),
+        "method not a token": lambda e: e["requestContext"]["http"].update(method="G T"),
+        "source ip a number": lambda e: e["requestContext"]["http"].update(sourceIp=5),
+        "request context a string": lambda e: e.update(requestContext="x"),
+    }
+    events = {}
+    for name, edit in edits.items():
+        event = copy.deepcopy(good)
+        edit(event)
+        events[name] = event
+    return events
+
+
+async def test_malformed_events_get_a_400_json_never_an_exception(settings: Settings) -> None:
+    """An exception in the handler is API Gateway's bare 500: every malformed event, as a direct
+    invoke could send, is refused with the API's 400 JSON instead, and the container serves on."""
+    async with container_for(settings) as container:
+        for name, event in _malformed_events().items():
+            res = await container.serve(event)
+            assert res["statusCode"] == 400, (name, res)
+            assert orjson.loads(res["body"])["error"]["code"] == "unsupported_event", name
+        res = await container.serve(api_event("GET", "/healthz"))
+        assert res["statusCode"] == 200
 
 
 async def test_a_base64_body_is_decoded(settings: Settings) -> None:

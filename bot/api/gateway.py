@@ -31,6 +31,8 @@ from bot.api.web import Response, StreamResponse
 from bot.errors import MAX_BODY, BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 
 PAYLOAD_VERSION = "2.0"
+# An HTTP method: a token (RFC 9110).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
 # A `{name}` of an aiohttp path template matches one segment (aiohttp's own pattern).
 _VARIABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Set by the transport (aiohttp's, when a streamed answer is prepared), not by the handlers:
@@ -60,10 +62,41 @@ def check_event(event: object) -> dict[str, Any]:
     if version != PAYLOAD_VERSION:
         what = "a payload 1.0 (REST API) event" if "httpMethod" in event else "an unknown event"
         raise UnsupportedEvent(f"{what}, version {version!r}")
-    http = event.get("requestContext", {}).get("http")
+    context = event.get("requestContext")
+    http = context.get("http") if isinstance(context, dict) else None
     if not isinstance(http, dict) or not isinstance(http.get("method"), str):
         raise UnsupportedEvent("a payload 2.0 event without requestContext.http")
+    # API Gateway never sends the rest otherwise; a direct invoke might. Strings must also be
+    # encodable: JSON carries lone surrogates, which no HTTP request can.
+    if not _TOKEN.fullmatch(http["method"]):
+        raise UnsupportedEvent("a payload 2.0 event whose method is not an HTTP token")
+    for field in ("rawPath", "rawQueryString", "body"):
+        if not _text(event.get(field, "")):
+            raise UnsupportedEvent(f"a payload 2.0 event whose {field} is not a string")
+    if not _text(http.get("path", "")) or not _text(http.get("sourceIp", "")):
+        raise UnsupportedEvent("a payload 2.0 event whose path or sourceIp is not a string")
+    headers = event.get("headers") or {}
+    if not isinstance(headers, dict) or not all(map(_text, [*headers, *headers.values()])):
+        raise UnsupportedEvent("a payload 2.0 event whose headers are not strings")
+    cookies = event.get("cookies") or []
+    if not isinstance(cookies, list) or not all(map(_text, cookies)):
+        raise UnsupportedEvent("a payload 2.0 event whose cookies are not a list of strings")
     return event
+
+
+def _text(value: object) -> bool:
+    """A string (or null) that is valid Unicode: no lone surrogate."""
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Resource:
