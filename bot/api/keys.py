@@ -63,8 +63,8 @@ class Channels:
     @classmethod
     def from_settings(cls, settings: Settings, intake: Intake | None) -> Channels:
         # A disabled channel's verifier refuses everything (its routes answer 404 first).
-        discord_key = settings.discord_public_key or "00" * 32
-        return cls(intake, SignatureVerifier(settings.slack_signing_secret), Verifier(discord_key))
+        slack = SignatureVerifier(settings.slack_signing_secret)
+        return cls(intake, slack, Verifier(settings.discord_public_key or None))
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 
 from bot.channels.sending import JSON_HEADERS, Sent, call, classify, json_object
 from bot.channels.wire import Inbound, Outbound, header_bytes
 from bot.errors import Unauthorized
+
+if TYPE_CHECKING:
+    from nacl.signing import VerifyKey
 
 CHANNEL = "discord"
 PING, APPLICATION_COMMAND = 1, 2
@@ -39,20 +40,34 @@ COMMANDS = [
 
 
 class Verifier:
-    """Ed25519 signatures of one application's public key."""
+    """Ed25519 signatures of one application's public key; without a key (Discord not
+    enabled), every request is refused.
 
-    def __init__(self, public_key_hex: str) -> None:
-        self._key = VerifyKey(bytes.fromhex(public_key_hex))
+    PyNaCl (libsodium) is loaded only for a key: a deployment without Discord, a Lambda
+    function's cold start included, never loads it.
+    """
+
+    def __init__(self, public_key_hex: str | None) -> None:
+        self._key: VerifyKey | None = None
+        self._refused: tuple[type[Exception], ...] = (ValueError,)
+        if public_key_hex:
+            from nacl.exceptions import BadSignatureError
+            from nacl.signing import VerifyKey
+
+            self._key = VerifyKey(bytes.fromhex(public_key_hex))
+            self._refused = (ValueError, BadSignatureError)
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
         """Raises `Unauthorized` unless the request is signed by the application's key."""
+        if self._key is None:
+            raise Unauthorized("missing or wrong X-Signature-Ed25519")
         stamp = header_bytes(headers.get("X-Signature-Timestamp"))
         try:
             # fromhex refuses any non-hex character (a surrogate included) with a ValueError,
             # and PyNaCl a signature of the wrong length with its ValueError.
             signature = bytes.fromhex(headers.get("X-Signature-Ed25519", ""))
             self._key.verify(stamp + body, signature)
-        except (ValueError, BadSignatureError):
+        except self._refused:
             raise Unauthorized("missing or wrong X-Signature-Ed25519") from None
 
 
