@@ -3,6 +3,7 @@ what the runner and the test suite may touch (process users, Redis limits, claim
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -192,6 +193,46 @@ def test_nginx_429_and_502_are_json_and_a_replicas_429_and_probes_pass_untouched
     assert r.json()["error"]["code"] == "bad_gateway" and r.headers["Retry-After"] == "1"
     [entry] = access_entries(stack, request_id=r.headers["X-Request-ID"])
     assert entry["status"] == 502
+    # A replica's 503 is tried once more (`@reroute`); NGINX's own 502 there is JSON too.
+    with _one_answer_then_gone(stack.settings.replica_port(1), SHED_503):
+        r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": "/help"})
+    assert r.status_code == 502 and r.headers["Content-Type"] == "application/json", r.text
+    assert r.json()["error"]["code"] == "bad_gateway" and r.headers["Retry-After"] == "1"
+    [entry] = access_entries(stack, request_id=r.headers["X-Request-ID"])
+    assert entry["upstream_status"].startswith("503 : "), entry
+
+
+_SHED_BODY = b'{"error":{"code":"overloaded","message":"shed"}}\n'
+SHED_503 = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_SHED_BODY), _SHED_BODY)
+)
+
+
+@contextlib.contextmanager
+def _one_answer_then_gone(port: int, answer: bytes) -> Iterator[None]:
+    """A replica of the test's own on `port`: it answers one request with `answer`, then
+    stops listening, so NGINX's next try there is refused."""
+    listener = socket.create_server(("127.0.0.1", port))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            request = b""
+            while not _complete(request):  # the whole request: no reset for unread bytes
+                if not (chunk := conn.recv(65536)):
+                    return
+                request += chunk
+            conn.sendall(answer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield
+    finally:
+        server.join(timeout=10)
+        listener.close()
 
 
 # -------------------------------------- a replica's 503 is an answer, never a failed replica
