@@ -275,9 +275,11 @@ def test_resend_after_a_replica_is_killed_mid_question_is_answered_in_seconds_on
 def test_a_full_redis_answers_503_storage_full_and_keeps_what_is_stored(
     own: Own,
 ) -> None:
+    """Through NGINX: a replica's 503 is tried once more on another replica (`@reroute`),
+    whose own 503 reaches the client as it is: one JSON `storage_full` with Retry-After,
+    never NGINX's 502/504 or its generic `unavailable`; what is stored is served unchanged."""
     stack, r = own
-    # Straight to a replica: how NGINX passes a 503 on is the edge's concern (issue 15 item 1)
-    url = stack.replica_url(1)
+    url = stack.url
     user = unique()
     prefs_url = f"{url}/v1/users/{user}/prefs"
     assert requests.put(prefs_url, json={"prefs": {"lang": "en"}}, timeout=5).ok
@@ -285,6 +287,8 @@ def test_a_full_redis_answers_503_storage_full_and_keeps_what_is_stored(
     asked = {"user_id": user, "text": f"is {unique('q')} kept?", "message_id": unique("m")}
     first, answer = post(url + "/v1/messages", said), post(url + "/v1/messages", asked)
     assert first.status_code == answer.status_code == 200
+    records = [record_key(user, said["message_id"]), record_key(user, asked["message_id"])]
+    stored = {key: r.get(key) for key in records}
     r.config_set("maxmemory-policy", "noeviction")
     r.config_set("maxmemory", "1")  # full: every write is refused from now on
     try:
@@ -296,7 +300,9 @@ def test_a_full_redis_answers_503_storage_full_and_keeps_what_is_stored(
         ]
         for resp in refused:
             assert resp.status_code == 503, resp.text
-            assert resp.json()["error"]["code"] == "storage_full"
+            assert resp.headers["Content-Type"].startswith("application/json"), resp.headers
+            error = resp.json()["error"]
+            assert error["code"] == "storage_full" and set(error) == {"code", "message"}, error
             assert int(resp.headers["Retry-After"]) >= 1
         # what is stored is still served, unchanged
         for body, before in ((said, first), (asked, answer)):
@@ -306,6 +312,13 @@ def test_a_full_redis_answers_503_storage_full_and_keeps_what_is_stored(
         assert requests.get(prefs_url, timeout=5).json() == {"prefs": {"lang": "en"}}
     finally:
         r.config_set("maxmemory", "0")
+    # Each refusal was one request for NGINX, answered by the second replica it asked.
+    time.sleep(1.2)  # NGINX flushes its access log every second
+    log = stack.access_log()
+    for resp in refused:
+        [entry] = [e for e in log if e["request_id"] == resp.headers["X-Request-ID"]]
+        assert (entry["status"], entry["upstream_status"]) == (503, "503 : 503"), entry
+    assert {k: r.get(k) for k in stored} == stored
     assert requests.get(prefs_url, timeout=5).json() == {"prefs": {"lang": "en"}}
     assert post(url + "/v1/messages", {"user_id": user, "text": "/echo back"}).ok
     assert post(url + "/v1/messages", said).json() == first.json()
