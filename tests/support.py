@@ -390,14 +390,36 @@ class HoldingProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        # Shut down first: closing alone leaves the port listening while the accepting
+        # thread waits in accept(), which then takes (and forwards) one more connection.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
     def cut(self) -> None:
-        self._sock.close()
+        self.close()
         for s in self._open:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+
+class Gate:
+    """A service behind a TCP proxy of the test's own (`HoldingProxy`), which the test can
+    `close` (every connection dropped, new ones refused: the service is gone, as far as its
+    clients can tell) and `open` again on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._proxy = HoldingProxy(target_port)
+        self.port = self._proxy.port
+
+    def close(self) -> None:
+        self._proxy.cut()
+
+    def open(self) -> None:
+        self._proxy.cut()
+        self._proxy = HoldingProxy(self.target_port, port=self.port)
 
 
 def held_request(proxy: HoldingProxy, start: bytes, timeout: float = 10) -> int:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import threading
@@ -22,14 +23,17 @@ import pytest
 import redis
 import requests
 import yaml
+from yarl import URL
 
 from bot.settings import DEFAULT_REDIS_MAXMEMORY, load_settings
 from bot.store import record_key
 from infra import programs, users
 from infra.common import VENV_BIN, Paths
 from tests.support import (
+    AMQP_URL,
     REDIS_HOST,
     REDIS_PORT,
+    Gate,
     PrivateRedis,
     Stack,
     claim_redis_db,
@@ -238,11 +242,16 @@ def _one_answer_then_gone(port: int, answer: bytes) -> Iterator[None]:
 # -------------------------------------- a replica's 503 is an answer, never a failed replica
 
 
+Shedding = tuple[Stack, PrivateRedis, Gate]
+
+
 @pytest.fixture(scope="module")
-def shedding(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, PrivateRedis]]:
-    """Three replicas that shed beyond 4 requests each, on a Redis the tests may stop."""
+def shedding(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shedding]:
+    """Three replicas that shed beyond 4 requests each, on a Redis the tests may stop, and
+    reaching RabbitMQ through a gate the tests may close."""
     store = PrivateRedis(tmp_path_factory.mktemp("shed-redis"))
     store.start()
+    broker = Gate(URL(AMQP_URL).port or 5672)
     try:
         with (
             stack_dir() as base,
@@ -250,25 +259,51 @@ def shedding(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
                 base,
                 0,
                 REDIS_URL=store.url,
+                AMQP_URL=str(URL(AMQP_URL).with_port(broker.port)),
                 BOT_MAX_INFLIGHT="4",
                 BOT_UPSTREAM_TIMEOUT="15",
                 BOT_RATE_LIMIT="1000/second",
                 BOT_RATE_BURST="1000",
             ) as stack,
         ):
-            yield stack, store
+            yield stack, store, broker
     finally:
         store.stop()
+        broker.close()
 
 
-def test_replicas_answering_503_stay_in_rotation_for_everyone_else(
-    shedding: tuple[Stack, PrivateRedis],
+def _dependencies_become(url: str, expected: dict[str, bool]) -> dict[str, bool]:
+    """Poll `url`/readyz, which must answer 200 every time, until it reports `expected`;
+    what it reported last."""
+    deadline = time.monotonic() + 20
+    while True:
+        r = requests.get(url + "/readyz", timeout=5)
+        assert r.status_code == 200, (url, r.text)
+        deps: dict[str, bool] = r.json()["dependencies"]
+        if deps == expected or time.monotonic() > deadline:
+            return deps
+        time.sleep(0.3)
+
+
+def test_with_redis_and_rabbitmq_down_replicas_stay_ready_and_in_rotation_for_everyone_else(
+    shedding: Shedding,
 ) -> None:
-    """With Redis down every replica answers prefs with 503 while /help still works; a loop
-    of such requests used to mark every replica failed, and /help got 502 from NGINX."""
-    stack, store = shedding
+    """Redis and RabbitMQ away, which every replica sees at once (issue 15, item 13): each
+    `bot serve` process stays ready and alive, probed directly (as Kubernetes probes a pod)
+    and through NGINX, and says both are down; questions and /help are answered, prefs get
+    503. A loop of such 503s used to mark every replica failed, and /help got NGINX's 502."""
+    stack, store, broker = shedding
+    replicas = [stack.replica_url(i) for i in range(1, stack.settings.replicas + 1)]
     store.stop()
+    broker.close()
     try:
+        down = {"redis": False, "rabbitmq": False}
+        for url in [*replicas, stack.url]:
+            assert _dependencies_become(url, down) == down, url
+            assert requests.get(url + "/healthz", timeout=5).status_code == 200, url
+        question = f"what is {unique('q')}?"
+        r = post(stack.url + "/v1/messages", {"user_id": unique(), "text": question})
+        assert r.status_code == 200 and question in r.json()["reply"], r.text
         hostile, helped = Counter[int](), Counter[int]()
         deadline = time.monotonic() + 4
 
@@ -292,10 +327,14 @@ def test_replicas_answering_503_stay_in_rotation_for_everyone_else(
         for t in threads:
             t.join()
     finally:
+        broker.open()
         store.start()
     print(f"replicas' 503s {dict(hostile)}, other users' /help {dict(helped)}")
     assert set(hostile) == {503} and hostile[503] > 50, hostile
     assert set(helped) == {200} and helped[200] >= 20, helped
+    up = {"redis": True, "rabbitmq": True}
+    for url in replicas:  # back by themselves, with no restart
+        assert _dependencies_become(url, up) == up, url
 
 
 def _chunks(body: bytes) -> Iterator[bytes]:
@@ -305,9 +344,9 @@ def _chunks(body: bytes) -> Iterator[bytes]:
 
 
 def test_a_shed_post_is_tried_once_more_on_another_replica_with_its_body(
-    shedding: tuple[Stack, PrivateRedis],
+    shedding: Shedding,
 ) -> None:
-    stack, _ = shedding
+    stack, _, _ = shedding
     stack.reset_stub()
     stack.faults(latency_ms=4000)
     url = stack.replica_url(1) + "/v1/messages"
@@ -349,6 +388,42 @@ def test_a_shed_post_is_tried_once_more_on_another_replica_with_its_body(
         for t in hogs:
             t.join()
         stack.reset_stub()
+
+
+def test_a_draining_replica_is_not_ready_while_nginx_serves_on(shedding: Shedding) -> None:
+    """SIGTERM: while the replica finishes what it holds, its own /readyz fails (it stops
+    listening at once; a request it still reads gets 503 `draining`), and NGINX answers the
+    probe and messages from the others."""
+    stack, _, _ = shedding
+    victim = stack.replica_url(3)
+    stack.faults(latency_ms=2500)
+    held: dict[str, requests.Response] = {}
+
+    def ask() -> None:
+        held["r"] = post(victim + "/v1/messages", {"user_id": unique(), "text": f"{unique()}?"})
+
+    asker = threading.Thread(target=ask)
+    try:
+        asker.start()
+        time.sleep(0.5)
+        pid = stack.kill("bot-3", signal.SIGTERM)
+        time.sleep(0.2)
+        assert psutil.pid_exists(pid)  # still draining: it holds the question
+        try:
+            status = requests.get(victim + "/readyz", timeout=5).status_code
+        except requests.ConnectionError:
+            status = 0  # refused: it no longer listens
+        assert status in (0, 503), status
+        assert requests.get(stack.url + "/readyz", timeout=5).status_code == 200
+        for _ in range(6):
+            body = {"user_id": unique(), "text": "/help"}
+            assert post(stack.url + "/v1/messages", body).status_code == 200
+        asker.join(timeout=20)
+    finally:
+        stack.reset_stub()
+    assert held["r"].status_code == 200, held["r"].text  # it finished what it held
+    assert "replica_draining" in stack.logs("bot-3")
+    stack.wait_ready("bot-3")  # supervised: back in rotation
 
 
 # ---------------------------------------------------------- one request id for every attempt
