@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -97,6 +99,53 @@ def release_redis_db(db: int, owner: str) -> None:
 
 def unique(prefix: str = "u") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# Every family of keys the bot writes in Redis, as docs/scaling.md's table spells it, the
+# pattern of its names, and whether it expires. A key of no family here is undocumented.
+_ID = r"[A-Za-z0-9_.:@-]+"  # a user or message id (bot.core.validation.ID_RE)
+REDIS_KEY_FAMILIES: tuple[tuple[str, str, bool], ...] = (
+    ("bot:{user}:msg:<id>", rf"bot:\{{{_ID}\}}:msg:.+", True),
+    ("bot:{user}:ctx", rf"bot:\{{{_ID}\}}:ctx", True),
+    ("bot:{user}:rl", rf"bot:\{{{_ID}\}}:rl", True),
+    ("bot:{user}:prefs", rf"bot:\{{{_ID}\}}:prefs", True),
+    ("bot:{user}:inbox", rf"bot:\{{{_ID}\}}:inbox", True),
+    ("bot:{user}:inbox:ids", rf"bot:\{{{_ID}\}}:inbox:ids", True),
+    ("bot:{user}:job:<id>", rf"bot:\{{{_ID}\}}:job:.+", True),
+    ("bot:{apikey:<ident>}:gcra", r"bot:\{apikey:[0-9a-f]{16}\}:gcra", True),
+    ("cache:{id}:a", r"cache:\{[0-9a-f]+\}:a", True),
+    ("cache:{id}:lock", r"cache:\{[0-9a-f]+\}:lock", True),
+    ("cache:{id}:err", r"cache:\{[0-9a-f]+\}:err", True),
+    ("cache:{id}:s", r"cache:\{[0-9a-f]+\}:s", True),
+    ("bot:hb:<replica>", r"bot:hb:[0-9a-f]+", True),
+    ("bot:outbox:<prefix>", r"bot:outbox:.+", False),  # entries deleted once relayed
+    ("chan:seen:<channel>:<update>", r"chan:seen:[a-z]+:.+", True),
+    ("chan:route:<message id>", r"chan:route:.+", True),
+    ("chan:sent:<channel>:<id>", r"chan:sent:[a-z]+:.+", True),
+    ("chan:paused:<prefix>:<channel>", r"chan:paused:.+:[a-z]+", True),
+    ("chan:polite:<user>", r"chan:polite:.+", True),
+    ("chan:pace:<channel>:<bot>", r"chan:pace:[a-z]+:[0-9a-f]{16}", True),
+    ("chan:pace:<channel>:<bot>:<conversation>", r"chan:pace:[a-z]+:[0-9a-f]{16}:.+", True),
+)
+_KEY_FAMILIES = [
+    (name, re.compile(pattern), expires) for name, pattern, expires in REDIS_KEY_FAMILIES
+]
+
+
+def key_families(pttls: dict[str, int]) -> Counter[str]:
+    """How many keys of each family `pttls` (key -> PTTL) holds; fails on a key of no family
+    and on one without a TTL whose family must have one. The test harness's own marker and
+    keys that expired while being listed (PTTL -2) are left out."""
+    seen: Counter[str] = Counter()
+    for key, pttl in pttls.items():
+        if key == CLAIM_MARKER or pttl == -2:
+            continue
+        family = next((f for f in _KEY_FAMILIES if f[1].fullmatch(key)), None)
+        assert family is not None, f"a key of no documented family: {key}"
+        name, _, expires = family
+        assert pttl > 0 or not expires, f"{key} ({name}) has no TTL"
+        seen[name] += 1
+    return seen
 
 
 @dataclass

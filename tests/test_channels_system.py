@@ -1,9 +1,10 @@
 """Chat channels on a real stack (NGINX, 3 replicas, the worker, the stub as Telegram's Bot
-API, Slack's Web API and Discord's) on a Redis of its own, which the last test stops: the
+API, Slack's Web API and Discord's) on a Redis of its own, which one test stops: the
 worker killed mid-stream loses nothing (Telegram, Slack, Discord), a deferred answer reaches
 its chat, hostile bytes in anything a webhook reads get a JSON 4xx (and the next user is
 answered), the webhooks serve non-loopback clients without BOT_API_KEYS, Redis away means 503
-and then exactly once."""
+and then exactly once; and every key the stack wrote in its Redis is documented and expires
+(but the outbox)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import orjson
 import pytest
 import requests
 
-from tests.support import PrivateRedis, Stack, stack_dir, stack_env
+from tests.support import PrivateRedis, Stack, key_families, stack_dir, stack_env
 from tests.test_channels import HEADER, SECRET, TOKEN, new_id, update
 from tests.test_channels_slack_discord import (
     SLACK_SECRET,
@@ -344,3 +345,56 @@ def test_redis_down_is_503_then_processed_once(tgstack: tuple[Stack, PrivateRedi
     assert wait_sends(stack, chat, 1) == ["after the outage"]
     time.sleep(1)
     assert sends(stack, chat) == ["after the outage"]
+
+
+def test_every_key_in_a_stacks_redis_is_documented_and_expires_but_the_outbox(
+    tgstack: tuple[Stack, PrivateRedis],
+) -> None:
+    """An API user sets prefs, asks a question and one answered later; a chat sends a message
+    (besides what the tests above left). Every key in the stack's Redis is of a family
+    docs/scaling.md lists, and has a TTL unless its family has none. (The per-API-key limit's
+    key, on a stack with keys: test_hostile_api.py's keyed stack.)"""
+    stack, _ = tgstack
+    api = stack.url + "/v1"
+    user = f"u-{uuid.uuid4().hex[:12]}"
+
+    def ask(text: str) -> requests.Response:
+        body = {"user_id": user, "text": text}
+        return requests.post(f"{api}/messages", json=body, timeout=15)
+
+    prefs = requests.put(f"{api}/users/{user}/prefs", json={"prefs": {"lang": "en"}}, timeout=5)
+    assert prefs.ok, prefs.text
+    assert ask(f"what is {uuid.uuid4().hex}?").status_code == 200
+    stack.faults(outage=True)
+    try:
+        later = ask(f"what is {uuid.uuid4().hex} later?")
+        assert later.status_code == 202, later.text
+    finally:
+        stack.faults(outage=False)
+    deadline = time.monotonic() + 30
+    replies: list[Any] = []
+    while not replies and time.monotonic() < deadline:
+        got = requests.get(f"{api}/users/{user}/replies?wait=10", timeout=20)
+        replies = got.json()["replies"]
+    assert replies, "the deferred answer never reached the inbox"
+    chat = new_id()
+    deliver(stack, update(new_id(), chat, "/echo every key"))
+    assert wait_sends(stack, chat, 1) == ["every key"]
+    r = stack.redis()
+    families = key_families({key: r.pttl(key) for key in r.scan_iter()})
+    print("keys by family:", dict(families))
+    assert families.keys() >= {
+        "bot:{user}:msg:<id>",
+        "bot:{user}:ctx",
+        "bot:{user}:rl",
+        "bot:{user}:prefs",
+        "bot:{user}:inbox",
+        "bot:{user}:inbox:ids",
+        "bot:{user}:job:<id>",
+        "cache:{id}:a",
+        "bot:hb:<replica>",
+        "bot:outbox:<prefix>",
+        "chan:seen:<channel>:<update>",
+        "chan:route:<message id>",
+        "chan:sent:<channel>:<id>",
+    }

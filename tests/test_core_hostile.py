@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,7 +28,15 @@ from bot.errors import Unavailable
 from bot.ratelimit import LocalLimiter, Policy
 from bot.settings import Rate
 from bot.store import CONTEXT_SIZE, MAX_PREFS, Heartbeat, Store, record_key, user_key
-from tests.support import PrivateRedis, Stack, post, stack_env, unique
+from tests.support import (
+    REDIS_KEY_FAMILIES,
+    PrivateRedis,
+    Stack,
+    key_families,
+    post,
+    stack_env,
+    unique,
+)
 
 pytestmark = pytest.mark.system
 
@@ -340,7 +349,7 @@ async def _usage(redis: Redis, key: str) -> int:
 
 
 async def test_what_a_message_and_a_user_store_is_bounded_and_expires(redis: Redis) -> None:
-    """Measures the figures docs/scaling.md states; every key gets a TTL."""
+    """Measures the figures docs/scaling.md states; every key gets a TTL (but the outbox)."""
     long_answer = "x" * (MAX_REPLY_CHARS * 3)
     service = _service(redis, FixedUpstream(long_answer))  # type: ignore[arg-type]
     user = unique()
@@ -372,9 +381,19 @@ async def test_what_a_message_and_a_user_store_is_bounded_and_expires(redis: Red
 
     assert sizes["record, longest reply"] < 12 * 1024
     assert sizes["context, full (10 longest entries)"] < CONTEXT_SIZE * 2 * 1024 + 4096
-    async for key in redis.scan_iter(f"bot:{{{user}}}:*"):
-        assert await redis.pttl(key) > 0, key
+    # Every key in the DB (this user's, and any a stack sharing the DB wrote) is of a family
+    # the doc's table lists, and expires unless the table says why not.
+    families = key_families({key: await redis.pttl(key) async for key in redis.scan_iter()})
+    assert families.keys() >= {"bot:{user}:msg:<id>", "bot:{user}:ctx", "bot:{user}:rl"}
     assert await redis.ttl(user_key(user, "prefs")) > 170 * 86400
+
+
+def test_docs_list_every_redis_key_family() -> None:
+    """docs/scaling.md's table of Redis keys names each family `key_families` knows."""
+    doc = (Path(__file__).parent.parent / "docs" / "scaling.md").read_text()
+    table = doc.split("## Redis memory", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name, _, _ in REDIS_KEY_FAMILIES if f"`{name}`" not in table]
+    assert not missing, missing
 
 
 async def test_only_tokens_of_a_process_whose_heartbeat_lapsed_count_as_gone(

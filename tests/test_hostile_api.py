@@ -34,6 +34,7 @@ from tests.support import (
     AMQP_URL,
     Stack,
     free_port,
+    key_families,
     post,
     unique,
 )
@@ -458,6 +459,11 @@ def test_rotating_user_ids_meets_the_per_key_rate_limit(keyed_stack: Stack) -> N
     ident = ApiKey(KEY_FLOOD).ident
     ttl: int = keyed_stack.redis().pttl(f"bot:{{apikey:{ident}}}:gcra")  # type: ignore[assignment]
     assert ttl > 0
+    # and every key in the keyed stack's DB is of a family docs/scaling.md lists, with a TTL
+    # unless its family has none
+    db = keyed_stack.redis()
+    families = key_families({key: db.pttl(key) for key in db.scan_iter()})
+    assert "bot:{apikey:<ident>}:gcra" in families, families
 
 
 def test_api_keys_reach_no_log_of_the_stack(keyed_stack: Stack) -> None:
