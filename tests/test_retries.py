@@ -195,6 +195,27 @@ async def test_inbox_keeps_one_answer_per_message_and_pages_with_a_cursor(redis:
     assert empty == [] and same == cursor
 
 
+async def test_the_inbox_forgets_what_its_stream_trimmed(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`inbox:ids` is bounded as the stream is: one user's endless deferred replies cannot grow
+    it past twice the stream's entries, and what the stream still holds is delivered once."""
+    monkeypatch.setattr("bot.inbox.MAX_ENTRIES", 100)  # `MAXLEN ~` trims whole nodes of 100
+    inbox, user = Inbox(redis), unique("u")
+    ids_key = f"bot:{{{user}}}:inbox:ids"
+    for i in range(450):
+        assert await inbox.deliver(user, f"m{i}", f"r{i}")
+        assert await redis.hlen(ids_key) <= 2 * 100 + 1
+    kept = [r.message_id for r in (await inbox.page(user, limit=1000))[0]]
+    assert "m449" in kept and "m0" not in kept and len(kept) >= 100
+    # every reply the stream holds is still known, so still delivered once
+    assert set(kept) <= {
+        k.decode() if isinstance(k, bytes) else k for k in await redis.hkeys(ids_key)
+    }
+    for mid in kept:
+        assert not await inbox.deliver(user, mid, "again")
+
+
 async def test_long_poll_returns_when_a_reply_arrives(redis: Redis) -> None:
     inbox, user = Inbox(redis), unique("u")
     started = time.monotonic()
@@ -405,6 +426,26 @@ async def test_poison_jobs_are_dead_lettered_once_with_reason_and_the_queue_flow
     assert dead_letter_count("unreadable") - before == len(POISON)
     assert f"{len(POISON)} dead-lettered job(s)" in listing
     assert "unreadable: body is a JSON array, not an object" in listing, listing
+
+
+async def test_a_starting_relay_forgets_relays_long_gone_but_none_with_entries_pending(
+    settings: Settings, broker: Broker, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = Outbox(redis, settings.queue_prefix)
+    await redis.xgroup_create(outbox.key, "relay", id="0", mkstream=True)
+    await redis.xgroup_createconsumer(outbox.key, "relay", "gone-idle")
+    await outbox.add(encode(job(), time.time() + 30), "m-held", "u-held")
+    await redis.xreadgroup("relay", "gone-holding", {outbox.key: ">"}, count=1)
+    await asyncio.sleep(0.05)
+    monkeypatch.setattr("bot.retries.outbox.STALE_CONSUMER_MS", 20)  # both are "long" idle
+    relay = Relay(outbox, broker)
+    try:
+        await relay.relay_once()
+    finally:
+        await relay.close()
+    names = {c["name"] for c in await redis.xinfo_consumers(outbox.key, "relay")}
+    # the idle one is gone; the one that held an entry stays until that entry is claimed
+    assert "gone-idle" not in names and "gone-holding" in names, names
 
 
 async def test_malformed_outbox_entries_are_parked_once_and_the_relay_goes_on(

@@ -28,6 +28,10 @@ log = get_logger(__name__)
 
 GROUP = "relay"
 CLAIM_IDLE_MS = 30_000
+# A consumer (one per relay process ever started) idle this long with nothing pending is a
+# process gone; a relay that starts removes such names, so the group does not grow forever.
+# Removing a live but idle one is harmless: its next read makes it again.
+STALE_CONSUMER_MS = 600_000
 BATCH = 100
 # Under the Redis client's 1 s socket timeout.
 BLOCK_MS = 500
@@ -162,7 +166,15 @@ class Relay:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        await self._forget_gone_consumers()
         self._group_ready = True
+
+    async def _forget_gone_consumers(self) -> None:
+        """Remove the names of relays gone long ago; never one with entries pending (those
+        are claimed by a live relay first, after `CLAIM_IDLE_MS`)."""
+        for consumer in await self.redis.xinfo_consumers(self.key, GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] > STALE_CONSUMER_MS:
+                await self.redis.xgroup_delconsumer(self.key, GROUP, consumer["name"])
 
 
 def _text(value: bytes | None) -> str:
