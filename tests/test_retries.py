@@ -36,10 +36,10 @@ from bot.retries.broker import Broker
 from bot.retries.jobs import backoff, decode, delay_levels, encode, next_hop
 from bot.retries.outbox import Outbox, Relay
 from bot.retries.publisher import RetryQueue
-from bot.retries.topology import Topology, delete
 from bot.retries.worker import Worker
 from bot.runtime import make_redis
 from bot.settings import Settings
+from infra.common import drop_queues
 from tests.support import AMQP_URL, PrivateRedis, free_port, unique
 
 # -- pure ---------------------------------------------------------------------------------
@@ -102,10 +102,7 @@ def settings_for(redis_url: str, **kw: Any) -> Settings:
 async def settings(redis_url: str) -> AsyncIterator[Settings]:
     s = settings_for(redis_url)
     yield s
-    conn = await aio_pika.connect(AMQP_URL, timeout=5)
-    async with conn:
-        channel = await conn.channel()
-        await delete(channel, s.queue_prefix, Topology.from_settings(s).levels)
+    drop_queues(s)
 
 
 @pytest.fixture
@@ -557,10 +554,7 @@ async def test_job_redelivered_up_to_the_limit_is_parked_with_reason_and_apology
             while not dead and time.monotonic() < deadline:
                 dead = await dead_letters(wb)
     finally:
-        conn = await aio_pika.connect(AMQP_URL, timeout=5)
-        async with conn:
-            channel = await conn.channel()
-            await delete(channel, settings.queue_prefix, Topology.from_settings(settings).levels)
+        drop_queues(settings)
     assert [(r.message_id, r.reply) for r in replies] == [(j.message_id, APOLOGY)]
     assert upstream.questions == []
     assert [decode(m.body)[0].message_id for m in dead] == [j.message_id]

@@ -7,14 +7,18 @@ short, once with a start-up that blocks the event loop and once with a healthy o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import requests
 
-from infra.common import free_port
+from bot.settings import load_settings
+from infra.common import drop_queues, free_port
 from tests.support import stack_env, unique
 
 # Runs `bot serve` with a one-second deadline; HANG=1 blocks the loop during start-up, as a
@@ -32,13 +36,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _launch(redis_db: int, hang: bool) -> tuple[subprocess.Popen[str], int]:
+@contextlib.contextmanager
+def _launch(redis_db: int, hang: bool) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """`bot serve` in a process of its own; its queues deleted after."""
     port, metrics_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        **stack_env(redis_db, BOT_QUEUE_PREFIX=unique("test-startup")),
-        "BOT_LOG_FORMAT": "json",
-    }
+    stack = stack_env(redis_db, BOT_QUEUE_PREFIX=unique("test-startup"))
+    env = {**os.environ, **stack, "BOT_LOG_FORMAT": "json"}
     if hang:
         env["HANG"] = "1"
     cmd = [sys.executable, "-c", LAUNCH, "serve", "--port", str(port)]
@@ -46,23 +49,24 @@ def _launch(redis_db: int, hang: bool) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
     )
-    return proc, port
+    try:
+        yield proc, port
+    finally:
+        proc.kill()
+        proc.wait(timeout=20)
+        drop_queues(load_settings(stack, dotenv=Path("/dev/null")))
 
 
 def test_a_replica_stuck_in_start_up_exits_with_its_stack(redis_db: int) -> None:
-    proc, _ = _launch(redis_db, hang=True)
-    try:
+    with _launch(redis_db, hang=True) as (proc, _):
         _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
     assert proc.returncode != 0
     assert "Timeout (0:00:01)!" in err
     assert "in stuck" in err  # where it hung, for whoever reads the log
 
 
 def test_a_replica_that_started_outlives_the_deadline(redis_db: int) -> None:
-    proc, port = _launch(redis_db, hang=False)
-    try:
+    with _launch(redis_db, hang=False) as (proc, port):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -73,6 +77,3 @@ def test_a_replica_that_started_outlives_the_deadline(redis_db: int) -> None:
         time.sleep(2.5)  # well past the one-second deadline
         assert proc.poll() is None
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
