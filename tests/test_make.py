@@ -18,7 +18,7 @@ import pytest
 
 from bot.settings import load_settings
 from infra import observability, programs, users
-from infra.common import ROOT, VENV_BIN, Paths, answers, free_port
+from infra.common import ROOT, VENV_BIN, Paths, answers, drop_queues, free_port
 from infra.programs import EPMD_PORT_FILE
 from tests.conftest import OWNER
 from tests.support import claim_redis_db, release_redis_db, stack_dir, stack_env
@@ -63,7 +63,8 @@ def make_env() -> Iterator[dict[str, str]]:
         try:
             yield full
         finally:
-            make("down", full)
+            make("down", full)  # which keeps a stack's queues, as it must
+            drop_queues(load_settings(full))
             release_redis_db(db, owner)
 
 
