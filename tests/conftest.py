@@ -98,10 +98,10 @@ async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upst
 
 @pytest.fixture(scope="session")
 def app_queues() -> Iterator[list[Settings]]:
-    """The settings of every in-process app of the run, whose retry queues are deleted once
-    at its end. The apps share one queue prefix: each declares the existing queues again,
-    instead of RabbitMQ creating and deleting a set of quorum queues for every test (which,
-    at the layer's pace, wedged the shared broker)."""
+    """The settings of every in-process app of the run, whose queues are deleted once at its
+    end. The apps share one queue prefix: each declares the existing queues again, instead of
+    a set of quorum queues for every test (each live one holds three of the shared broker's
+    file handles, which run out at about 300 queues: docs/runbooks.md, RabbitMQDown)."""
     made: list[Settings] = []
     yield made
     dropped = set()
