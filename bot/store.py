@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from importlib.resources import files
 from typing import Any
 
@@ -102,12 +102,20 @@ class Heartbeat:
     tokens it issues carry no owner and are never taken over: their leases lapse instead.
     """
 
-    def __init__(self, redis: Redis, *, period: float = 0.25, ttl: float = 1.5) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        period: float = 0.25,
+        ttl: float = 1.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.redis = redis
         self.owner = uuid.uuid4().hex[:16]
         self.period = period
         self.ttl_ms = int(ttl * 1000)
         self.active = False
+        self._clock = clock  # how long a heartbeat has been missing (a test's own clock)
         self._missing: dict[str, float] = {}  # owner -> when its heartbeat was first missed
 
     @staticmethod
@@ -127,7 +135,7 @@ class Heartbeat:
             alive = bool(await self.redis.exists(self.key(owner)))
         except RedisError:
             return False  # cannot tell: wait for the lease instead
-        now = time.monotonic()
+        now = self._clock()
         if alive:
             self._missing.pop(owner, None)
             return False

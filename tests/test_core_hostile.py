@@ -399,22 +399,28 @@ def test_docs_list_every_redis_key_family() -> None:
 async def test_only_tokens_of_a_process_whose_heartbeat_lapsed_count_as_gone(
     redis: Redis,
 ) -> None:
-    mine = Heartbeat(redis, period=0.1, ttl=0.3)
+    """The key expiring is the key deleted here, and the time it has been missing is read on
+    a clock of the test's own: the windows are a beat and a half, which a loaded machine's
+    sleeps overshoot (this test failed in CI that way when it slept for real)."""
+    now = [1000.0]
+    mine = Heartbeat(redis, period=0.1, ttl=0.3, clock=lambda: now[0])
     theirs = Heartbeat(redis, period=0.1, ttl=0.3)
     assert not await mine.gone(theirs.token())  # not beating yet: names nobody
     await theirs.beat()
     token = theirs.token()
     assert not await mine.gone("P" + token) and not await mine.gone(token)
-    await asyncio.sleep(0.4)  # it stopped beating
+    await redis.delete(Heartbeat.key(theirs.owner))  # it stopped beating: its key expired
     assert not await mine.gone(token)  # missing once is not enough: it may be putting it back
-    await asyncio.sleep(0.1)
+    now[0] += 0.1
     assert not await mine.gone(token)
     await theirs.beat()  # it was (a flushed Redis): alive after all
-    await asyncio.sleep(0.2)
-    assert not await mine.gone(token)
-    await asyncio.sleep(0.4)
+    now[0] += 0.2
+    assert not await mine.gone(token)  # and the time missing starts again
+    await redis.delete(Heartbeat.key(theirs.owner))
     assert not await mine.gone("P" + token)
-    await asyncio.sleep(0.16)  # missing for longer than a beat and a half: gone
+    now[0] += 0.14
+    assert not await mine.gone("P" + token)
+    now[0] += 0.02  # missing for longer than a beat and a half: gone
     assert await mine.gone("P" + token) and await mine.gone(token)
     await mine.beat()
     assert not await mine.gone(mine.token())  # never itself
