@@ -24,6 +24,7 @@ from bot.api import web
 from bot.api.keys import EVENTS_ROUTE, MESSAGES_ROUTE, REPLICA, STATE
 from bot.api.render import error_response
 from bot.api.replies import is_long_poll
+from bot.channels.wire import header_bytes
 from bot.errors import (
     BadRequest,
     BotError,
@@ -67,8 +68,7 @@ def _request_id(given: str) -> str:
         return given
     if not given:
         return uuid.uuid4().hex
-    # surrogatepass: the header's raw non-UTF-8 bytes arrive as surrogates
-    digest = hashlib.blake2b(given.encode("utf-8", "surrogatepass"), digest_size=16)
+    digest = hashlib.blake2b(header_bytes(given), digest_size=16)
     return "x-" + digest.hexdigest()
 
 
