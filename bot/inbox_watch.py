@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.typing import KeyT, StreamIdT
 
+from bot import runtime
 from bot.logging import get_logger
 
 log = get_logger(__name__)
@@ -133,6 +134,4 @@ async def running(watch: InboxWatch) -> AsyncIterator[InboxWatch]:
     try:
         yield watch
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await runtime.cancel_and_wait(task)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import io
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,9 @@ from redis.exceptions import RedisError
 
 from bot import metrics
 from bot.autopipe import AutoPipelineRedis
+from bot.logging import get_logger
+
+log = get_logger(__name__)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -158,10 +162,24 @@ def stop_event() -> asyncio.Event:
     return stop
 
 
+# How long a cancelled background task gets to stop. One that takes longer has swallowed its
+# cancellation (a library turning it into an error that the task's loop retries, say): the
+# shutdown goes on without it rather than hang, and its stack is logged to say where it was.
+STOP_TIMEOUT = 5.0
+
+
 async def cancel_and_wait(*tasks: asyncio.Task[object] | asyncio.Task[None]) -> None:
-    """Cancel background tasks this process owns and wait until each has stopped."""
+    """Cancel background tasks this process owns and wait until each has stopped, at most
+    `STOP_TIMEOUT` seconds; an error a task ended with is raised, as awaiting it would."""
     for task in tasks:
         task.cancel()
+    if not tasks:
+        return
+    _, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+    for task in stuck:
+        stack = io.StringIO()
+        task.print_stack(file=stack)
+        log.error("task_did_not_stop", task=task.get_name(), stack=stack.getvalue())
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error

@@ -32,6 +32,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
 
+from bot import runtime
 from bot.core.types import Admission, Context, OutcomeKind, RateState, Record
 from bot.errors import BadRequest, Unavailable
 from bot.logging import get_logger
@@ -174,9 +175,7 @@ class Heartbeat:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await runtime.cancel_and_wait(task)
             self.active = False
 
 

@@ -7,6 +7,7 @@ short, once with a start-up that blocks the event loop and once with a healthy o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -15,8 +16,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import requests
+import structlog.testing
 
+from bot import runtime
 from bot.settings import load_settings
 from infra.common import drop_queues, free_port
 from tests.support import stack_env, unique
@@ -77,3 +81,47 @@ def test_a_replica_that_started_outlives_the_deadline(redis_db: int) -> None:
         time.sleep(2.5)  # well past the one-second deadline
         assert proc.poll() is None
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
+
+
+async def test_a_task_that_swallows_its_cancellation_cannot_hang_a_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cancel_and_wait` goes on after `STOP_TIMEOUT` and logs where the task was; a task that
+    ended with an error still raises it, as awaiting it would."""
+    monkeypatch.setattr(runtime, "STOP_TIMEOUT", 0.2)
+
+    deaf = [True]
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:  # what a library converting it to an error amounts to
+                if not deaf[0]:
+                    raise
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        await runtime.cancel_and_wait(task)
+    assert time.monotonic() - started < 2
+    [entry] = [e for e in logs if e["event"] == "task_did_not_stop"]
+    assert entry["task"] == "stubborn" and "in stubborn" in entry["stack"], entry
+    deaf[0] = False  # let the test's loop end cleanly
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+    # a task that failed: its error, not a silent stop
+    async def failing() -> None:
+        raise RuntimeError("boom")
+
+    failed = asyncio.create_task(failing())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="boom"):
+        await runtime.cancel_and_wait(failed)
+    # and one that stops when asked is simply awaited
+    quick = asyncio.create_task(asyncio.sleep(3600))
+    await runtime.cancel_and_wait(quick)
+    assert quick.cancelled()

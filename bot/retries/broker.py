@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustChannel, 
 from aio_pika.connection import make_url
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from bot import metrics
+from bot import metrics, runtime
 from bot.logging import get_logger
 from bot.retries.topology import Topology, declare
 from bot.settings import Settings
@@ -195,10 +195,14 @@ class Broker:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *CONNECTION_EXCEPTIONS):
-                await self._task
-        if self._connection is not None:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS):
-                await self._connection.close()
+                await runtime.cancel_and_wait(self._task)
+        if self._connection is not None:
+            try:  # bounded, as every step of a shutdown: a broker that never answers the close
+                async with asyncio.timeout(runtime.STOP_TIMEOUT):
+                    await self._connection.close()
+            except TimeoutError:
+                log.warning("rabbitmq_close_timed_out")
+            except CONNECTION_EXCEPTIONS:
+                pass
         metrics.DEPENDENCY_UP.labels(dependency="rabbitmq").set(0)
