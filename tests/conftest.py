@@ -42,6 +42,9 @@ def redis_db() -> Iterator[int]:
 
 @pytest.fixture
 def redis_url(redis_db: int) -> Iterator[str]:
+    """The run's DB, empty when the test starts: emptied before as well as after, so that
+    nothing a test did not write (a background writer of an earlier test) is there."""
+    reset_redis_db(redis_db)
     yield f"redis://127.0.0.1:6379/{redis_db}"
     reset_redis_db(redis_db)
 
@@ -54,15 +57,23 @@ async def redis(redis_url: str) -> Redis:
 
 
 @pytest.fixture(scope="session")
-def stack(redis_db: int) -> Iterator[Stack]:
-    """One 3-replica stack shared by the tests that only send traffic (unique users each)."""
+def stack() -> Iterator[Stack]:
+    """One 3-replica stack shared by the tests that only send traffic (unique users each), on
+    a Redis DB of its own: on the in-process tests' DB, what it cached (schemathesis sends the
+    document's "what is a pulsar?") was there when a later test asked the same and expected a
+    miss, and their resets emptied the stack's DB under it."""
+    owner = f"{OWNER}-stack"
+    db = claim_redis_db(owner)
     # Generous limits: rate limiting has tests (and stacks) of its own.
-    env = stack_env(redis_db, BOT_RATE_LIMIT="100/second", BOT_RATE_BURST="1000")
-    with stack_dir() as base:
-        s = Stack(base / "run", env)
-        s.start()
-        yield s
-        s.stop()
+    env = stack_env(db, BOT_RATE_LIMIT="100/second", BOT_RATE_BURST="1000")
+    try:
+        with stack_dir() as base:
+            s = Stack(base / "run", env)
+            s.start()
+            yield s
+            s.stop()
+    finally:
+        release_redis_db(db, owner)
 
 
 @pytest.fixture
