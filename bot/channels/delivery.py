@@ -153,14 +153,13 @@ class Delivery:
 
     async def _pace(self, out: Outbound, pacing: Pacing) -> None:
         """Wait for the lane's turn (its pause, its per-chat interval), then the channel's."""
+        interval = pacing.lane_interval(out.conversation)
         paused_until = self._paused.get(out.lane, 0.0)
-        last = self._last.get(out.lane, 0.0)
-        ready = max(last + pacing.lane_interval(out.conversation), paused_until)
+        ready = max(self._last.get(out.lane, 0.0) + interval, paused_until)
         wait = ready - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
         self._paused.pop(out.lane, None)
-        interval = pacing.lane_interval(out.conversation)
         await self.pace.wait(out.channel, pacing.interval, out.conversation, interval)
 
     async def _note_pause(self, out: Outbound, seconds: float) -> None:
